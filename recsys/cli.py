@@ -1,0 +1,161 @@
+"""The ``recsys`` console script: one subcommand per stage, each a thin call into a typed ``run``.
+
+Errors print one line and a hint; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from typing import Any
+
+from recsys.config import Config, ConfigError, load_config
+
+HINTS = {
+    "ConfigError": "check the key names and types against configs/defaults/*.yaml",
+    "DataContractError": "see the raw data contract in README.md",
+    "JavaNotFoundError": "Spark needs Java 17; set JAVA_HOME",
+    "ArtifactError": "rerun the stage that writes this artifact (recsys fit reruns what is missing)",
+    "FileNotFoundError": "check the path",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="experiment YAML file (e.g. configs/synthetic-small.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set train.epochs=5 (repeatable)",
+    )
+
+
+def _cfg(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from data_pipelines import synthetic
+
+    summary = synthetic.generate(args.out, preset=args.preset, seed=args.seed, progress=lambda m: print(m, file=sys.stderr))
+    _print(summary)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from data_pipelines import prepare
+
+    cfg = _cfg(args)
+    manifest = prepare.run(cfg, args.data, args.out, progress=lambda m: print(m, file=sys.stderr))
+    _print({k: manifest.get(k) for k in ("row_counts", "rejected", "split", "n_users", "n_products", "n_sellers")})
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from towers import train
+
+    cfg = _cfg(args)
+    _print(train.run(cfg, args.prepared, args.out, resume=not args.no_resume))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from towers import evaluate
+
+    cfg = _cfg(args)
+    baselines = None if args.baselines is None else tuple(b for b in args.baselines.split(",") if b)
+    report = evaluate.run(cfg, args.run, args.prepared, split=args.split, baselines=baselines)
+    print(evaluate.markdown_table(report))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="recsys",
+        description="Marketplace recommender: Spark data pipelines, two-tower retrieval (products and sellers), "
+        "FAISS serving and a neural ranker.",
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="write a synthetic marketplace in the raw data contract")
+    g.add_argument("--out", required=True, help="output directory for the raw tables")
+    g.add_argument("--preset", default="small", choices=["small", "medium", "large"], help="size preset")
+    g.add_argument("--seed", type=int, default=7, help="random seed (same seed, same data)")
+    g.set_defaults(fn=cmd_generate)
+
+    pr = sub.add_parser("prepare", help="validate raw tables and write vocabularies, splits, features, examples")
+    pr.add_argument("--data", required=True, help="directory with the raw tables (CSV or Parquet) or a known source layout")
+    pr.add_argument("--out", required=True, help="prepared artifact directory to write")
+    _add_config_args(pr)
+    pr.set_defaults(fn=cmd_prepare)
+
+    t = sub.add_parser("train", help="train the two-tower model on a prepared artifact")
+    t.add_argument("--prepared", required=True, help="prepared artifact directory")
+    t.add_argument("--out", required=True, help="run directory (checkpoints, MLflow store, model)")
+    t.add_argument("--no-resume", action="store_true", help="ignore an existing last checkpoint")
+    _add_config_args(t)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("evaluate", help="full-ranking evaluation of the towers and baselines")
+    e.add_argument("--run", required=True, help="run directory with a trained model")
+    e.add_argument("--prepared", help="prepared artifact (default: the one the model was trained on)")
+    e.add_argument("--split", default="test", choices=["val", "test"])
+    e.add_argument("--baselines", help="comma-separated baselines to add (popularity,als); default from config")
+    _add_config_args(e)
+    e.set_defaults(fn=cmd_evaluate)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not args.verbose:
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI turns every failure into one line
+        if args.verbose:
+            traceback.print_exc()
+        name = type(e).__name__
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else name
+        print(f"error: {msg}", file=sys.stderr)
+        hint = HINTS.get(name)
+        if hint:
+            print(f"hint: {hint}; rerun with --verbose for the traceback", file=sys.stderr)
+        else:
+            print("hint: rerun with --verbose for the traceback", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

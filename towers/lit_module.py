@@ -1,0 +1,183 @@
+"""LightningModule: the two-tower model plus losses, full-ranking validation and optimizers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from towers.full_ranking import topk_excluding
+from towers.losses import log_expected_count, sampled_softmax_loss, uniform_negatives
+from towers.metrics import hits_matrix, ranking_metrics
+from towers.shapes import TowerShape
+from towers.two_tower import TwoTowerModel
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class TwoTowerLightning(pl.LightningModule):
+    """Trains :class:`TwoTowerModel` on user→product, user→seller and product→seller tasks.
+
+    Args:
+        shape: tower sizes (dict form of :class:`TowerShape`, so checkpoints store it).
+        train: the resolved ``train`` config section as a dict.
+        model_extra: ``history_dropout`` and other model-section values used in training only.
+        val_ks: cut-offs reported during validation; ``train["val_k"]`` is the monitored one.
+    """
+
+    def __init__(self, shape: dict, train: dict, model_extra: dict, val_ks: tuple[int, ...] = (10, 20, 50)):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.tshape = TowerShape(**shape)
+        self.train_cfg = train
+        self.model = TwoTowerModel(self.tshape)
+        self.register_buffer("product_logq", torch.full((self.tshape.n_products,), -math.log(max(self.tshape.n_products, 1))))
+        self.register_buffer("seller_logq", torch.full((self.tshape.n_sellers,), -math.log(max(self.tshape.n_sellers, 1))))
+        self.history_dropout = float(model_extra.get("history_dropout", 0.0))
+        self.val_ks = tuple(sorted(set(val_ks) | {int(train["val_k"])}))
+        self.val_queries = None  # EvalQueries, set by the data module
+        self._gen = torch.Generator().manual_seed(int(train["seed"]))
+        self._val_sums: dict[str, float] = {}
+        self._val_n = 0
+
+    # ------------------------------------------------------------------ training
+    def set_catalog(self, catalog) -> None:
+        """Copy catalog features and sampling frequencies into the model's buffers."""
+        with torch.no_grad():
+            self.model.products.cats.copy_(catalog.product_cats)
+            self.model.products.num.copy_(catalog.product_num)
+            self.model.sellers.num.copy_(catalog.seller_num)
+            self.product_logq.copy_(catalog.product_logq)
+            self.seller_logq.copy_(catalog.seller_logq)
+
+    def _augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        b = dict(batch)
+        p = float(self.train_cfg.get("user_id_dropout", 0.0))
+        if p > 0:
+            drop = torch.rand(b["user_idx"].shape, device=self.device) < p
+            b["user_idx"] = b["user_idx"].masked_fill(drop, 0)
+        if self.history_dropout > 0:
+            drop = torch.rand(b["hist_products"].shape, device=self.device) < self.history_dropout
+            b["hist_products"] = b["hist_products"].masked_fill(drop, 0)
+            if "hist_sellers" in b:
+                b["hist_sellers"] = b["hist_sellers"].masked_fill(drop, 0)
+        return b
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted sum of the task losses for one batch. Returns (loss, per-task losses)."""
+        cfg = self.train_cfg
+        m = self.model
+        temp = m.temperature
+        weights = batch["weight"]
+        u = m.user_vectors(batch)
+        pid = batch["product_idx"]
+        p = m.product_vectors(pid)
+        M = int(cfg["num_negatives"])
+        B = pid.shape[0]
+        use_logq = bool(cfg["logq_correction"])
+        hits = bool(cfg["remove_accidental_hits"])
+        neg_ids = uniform_negatives(M, self.tshape.n_products, self._gen, self.device)
+        pc = nc = None
+        if use_logq:
+            pc = log_expected_count(self.product_logq[pid], B, len(neg_ids), self.tshape.n_products - 1)
+            nc = log_expected_count(self.product_logq[neg_ids], B, len(neg_ids), self.tshape.n_products - 1)
+        parts = {
+            "user_product": sampled_softmax_loss(
+                u, p, pid, temp, m.product_vectors(neg_ids), neg_ids, pc, nc, weights, hits
+            )
+        }
+        tw = cfg["task_weights"]
+        sid = batch["seller_idx"]
+        valid = sid > 0
+        if self.tshape.has_sellers and bool(valid.any()) and (tw.get("user_seller", 0) > 0 or tw.get("product_seller", 0) > 0):
+            s = m.seller_vectors(sid)
+            Ms = min(M, max(self.tshape.n_sellers - 1, 0))
+            sneg = uniform_negatives(Ms, self.tshape.n_sellers, self._gen, self.device)
+            sc = snc = None
+            if use_logq:
+                sc = log_expected_count(self.seller_logq[sid], B, Ms, self.tshape.n_sellers - 1)
+                snc = log_expected_count(self.seller_logq[sneg], B, Ms, self.tshape.n_sellers - 1)
+            sv = m.seller_vectors(sneg)
+            if tw.get("user_seller", 0) > 0:
+                parts["user_seller"] = sampled_softmax_loss(u, s, sid, temp, sv, sneg, sc, snc, weights, hits, valid)
+            if tw.get("product_seller", 0) > 0:
+                # Which of the sellers does a buyer of this product choose: no popularity correction,
+                # seller popularity is part of the answer here.
+                parts["product_seller"] = sampled_softmax_loss(p, s, sid, temp, sv, sneg, None, None, weights, hits, valid)
+        loss = sum(float(tw.get(k, 1.0)) * v for k, v in parts.items())
+        return loss, parts
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.compute_loss(self._augment(batch))
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"training loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}); lower train.lr_dense/lr_sparse or raise model.temperature"
+            )
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        for o in opts:
+            o.zero_grad()
+        self.manual_backward(loss)
+        for o in opts:
+            o.step()
+        bs = batch["product_idx"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        for k, v in parts.items():
+            self.log(f"train/{k}", v.detach(), on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        opts = []
+        sparse = self.model.sparse_parameters()
+        if sparse:
+            opts.append(torch.optim.SparseAdam(sparse, lr=float(cfg["lr_sparse"])))
+        dense = self.model.dense_parameters()
+        if dense:
+            lr = float(cfg["lr_dense"]) if sparse else float(cfg["lr_sparse"])
+            opts.append(torch.optim.AdamW(dense, lr=lr, weight_decay=float(cfg["weight_decay"])))
+        return opts
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+        self._val_n = 0
+        ids = torch.arange(self.tshape.n_products, device=self.device)
+        with torch.no_grad():
+            self._item_vecs = torch.cat([self.model.product_vectors(c) for c in ids.split(65536)])
+
+    def validation_step(self, rows: torch.Tensor, batch_idx: int) -> None:
+        q = self.val_queries
+        if q is None:
+            return
+        r = rows.cpu().numpy()
+        sub = q.subset(r)
+        dev = self.device
+        batch = {
+            "user_idx": torch.from_numpy(sub.user_idx).to(dev),
+            "hist_products": torch.from_numpy(sub.hist_products).to(dev),
+            "hist_sellers": torch.from_numpy(sub.hist_sellers).to(dev),
+            "hour": torch.from_numpy(sub.hour).to(dev),
+            "dow": torch.from_numpy(sub.dow).to(dev),
+        }
+        with torch.no_grad():
+            u = self.model.user_vectors(batch)
+        K = max(self.val_ks)
+        top, _ = topk_excluding(u, self._item_vecs, sub.exclude, K)
+        h = hits_matrix(top, *sub.targets)
+        met = ranking_metrics(h, np.diff(sub.targets[0]), self.val_ks, (10, 20))
+        for k, v in met.items():
+            self._val_sums[k] = self._val_sums.get(k, 0.0) + float(v.sum())
+        self._val_n += len(r)
+
+    def on_validation_epoch_end(self) -> None:
+        n = max(self._val_n, 1)
+        for k, v in self._val_sums.items():
+            self.log(f"val/{k}", v / n, prog_bar=k == f"recall@{self.train_cfg['val_k']}", sync_dist=True)
+        self._item_vecs = None

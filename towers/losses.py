@@ -1,0 +1,96 @@
+"""Sampled softmax with in-batch plus uniform (mixed) negatives, logQ correction and hit removal."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_MASK = -1e9
+
+
+def log_expected_count(logq: torch.Tensor, batch_size: int, n_uniform: int, n_items: int) -> torch.Tensor:
+    """Log of how often each candidate is expected among a batch's candidates.
+
+    In-batch candidates are drawn in proportion to item frequency q (``batch_size`` draws) and the
+    shared negatives uniformly (``n_uniform`` draws over ``n_items``), so the expected count of item
+    j is ``B q_j + M / N`` (mixed negative sampling, Yang et al. 2020; logQ, Yi et al. 2019).
+
+    Args:
+        logq: [...] log frequency probability of each candidate.
+    Returns:
+        [...] log expected counts, subtracted from the logits.
+    """
+    uniform = n_uniform / max(n_items, 1)
+    return torch.log(batch_size * logq.exp() + uniform)
+
+
+def sampled_softmax_loss(
+    query: torch.Tensor,
+    pos: torch.Tensor,
+    pos_ids: torch.Tensor,
+    temperature: torch.Tensor | float,
+    neg: torch.Tensor | None = None,
+    neg_ids: torch.Tensor | None = None,
+    pos_correction: torch.Tensor | None = None,
+    neg_correction: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    remove_accidental_hits: bool = True,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted softmax cross-entropy of each query against its positive and all candidates.
+
+    Candidates are the batch's positives (in-batch negatives) and ``neg`` (shared uniform
+    negatives). Each candidate's logit is reduced by its correction (see
+    :func:`log_expected_count`), and candidates equal to the row's positive are masked
+    (accidental hits), so a popular item is not pushed away from users who like it.
+
+    Args:
+        query: [B, d] unit vectors.
+        pos: [B, d] unit vectors of the positives.
+        pos_ids: [B] ids of the positives.
+        temperature: scalar.
+        neg: [M, d] unit vectors of uniform negatives, or None.
+        neg_ids: [M] ids of the negatives.
+        pos_correction: [B] logit correction of each in-batch candidate, or None.
+        neg_correction: [M] logit correction of each uniform negative, or None.
+        weights: [B] example weights, or None.
+        remove_accidental_hits: mask candidates whose id equals the row's positive id.
+        valid: [B] bool, rows that take part (e.g. examples with a known seller), or None.
+
+    Returns:
+        Scalar loss (weighted mean over valid rows).
+    """
+    B = query.shape[0]
+    logits = query @ pos.T / temperature  # [B, B]
+    if pos_correction is not None:
+        logits = logits - pos_correction.unsqueeze(0)
+    eye = torch.eye(B, dtype=torch.bool, device=query.device)
+    if remove_accidental_hits:
+        logits = logits.masked_fill((pos_ids.unsqueeze(1) == pos_ids.unsqueeze(0)) & ~eye, _MASK)
+    if valid is not None:
+        # Rows that do not take part must not act as candidates either.
+        logits = logits.masked_fill(~valid.unsqueeze(0) & ~eye, _MASK)
+    if neg is not None and neg.shape[0] > 0:
+        nl = query @ neg.T / temperature  # [B, M]
+        if neg_correction is not None:
+            nl = nl - neg_correction.unsqueeze(0)
+        if remove_accidental_hits and neg_ids is not None:
+            nl = nl.masked_fill(pos_ids.unsqueeze(1) == neg_ids.unsqueeze(0), _MASK)
+        logits = torch.cat([logits, nl], dim=1)
+    target = torch.arange(B, device=query.device)
+    loss = F.cross_entropy(logits.float(), target, reduction="none")
+    w = weights.float() if weights is not None else torch.ones_like(loss)
+    if valid is not None:
+        w = w * valid.float()
+    return (loss * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def uniform_negatives(n: int, n_items: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """``n`` ids drawn uniformly from 1..n_items-1 (0 is the unknown row). Returns [n] int64."""
+    if n_items <= 1 or n <= 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    ids = torch.randint(1, n_items, (n,), generator=generator)
+    return ids.to(device)
+
+
+__all__ = ["log_expected_count", "sampled_softmax_loss", "uniform_negatives"]

@@ -1,0 +1,46 @@
+"""Product tower: product id plus whatever catalog features the data has."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from towers.embeddings import embedding
+from towers.shapes import TowerShape
+
+
+class ProductTower(nn.Module):
+    """Maps product indexes to d-dimensional vectors (not yet normalised).
+
+    The catalog features are stored as buffers (``cats`` [N, 4]: category levels 1-3 and brand,
+    ``num`` [N, F]: scaled numeric features), so the state dict alone rebuilds the tower at serving
+    time. With id-only data the feature part is skipped.
+    """
+
+    def __init__(self, shape: TowerShape, cats: torch.Tensor | None = None, num: torch.Tensor | None = None):
+        super().__init__()
+        d = shape.dim
+        self.shape = shape
+        self.id_emb = embedding(shape.n_products, d, shape.sparse)
+        self.use_features = shape.use_features and (shape.n_categories > 1 or shape.n_brands > 1 or shape.n_product_features > 0)
+        n = shape.n_products
+        self.register_buffer("cats", cats.long() if cats is not None else torch.zeros(n, 4, dtype=torch.long))
+        self.register_buffer(
+            "num", num.float() if num is not None else torch.zeros(n, shape.n_product_features)
+        )
+        if self.use_features:
+            self.cat_emb = embedding(shape.n_categories, d, shape.sparse, std=0.02)
+            self.brand_emb = embedding(shape.n_brands, d, shape.sparse, std=0.02)
+            self.num_proj = nn.Linear(max(shape.n_product_features, 1), d)
+            self.mix = nn.Sequential(nn.Linear(d, shape.hidden), nn.GELU(), nn.Linear(shape.hidden, d))
+
+    def forward(self, product_idx: torch.Tensor) -> torch.Tensor:
+        """Args: product_idx: [...] int64. Returns: [..., d] float."""
+        x = self.id_emb(product_idx)
+        if self.use_features:
+            c = self.cats[product_idx]
+            f = self.cat_emb(c[..., 0]) + self.cat_emb(c[..., 1]) + self.cat_emb(c[..., 2]) + self.brand_emb(c[..., 3])
+            if self.num.shape[-1] > 0:
+                f = f + self.num_proj(self.num[product_idx])
+            x = x + self.mix(f)
+        return x

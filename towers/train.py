@@ -1,0 +1,195 @@
+"""``recsys train``: fit the towers on a prepared artifact, select by validation Recall@K, track in MLflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
+
+from recsys.artifacts import atomic_artifact, read_manifest
+from recsys.config import Config, fingerprint, to_dict
+from towers import tracking
+from towers.catalog import load_catalog
+from towers.checkpoint import save_towers
+from towers.datamodule import TowerDataModule
+from towers.lit_module import TwoTowerLightning
+from towers.shapes import TowerShape
+
+log = logging.getLogger(__name__)
+
+
+def tower_shape(cfg: Config, catalog) -> TowerShape:
+    """Tower sizes from the catalog and the ``model`` section."""
+    m = cfg.model
+    return TowerShape(
+        n_users=catalog.n_users,
+        n_products=catalog.n_products,
+        n_sellers=catalog.n_sellers,
+        n_categories=catalog.n_categories,
+        n_brands=catalog.n_brands,
+        n_product_features=int(catalog.product_num.shape[1]),
+        n_seller_features=int(catalog.seller_num.shape[1]),
+        dim=m.dim,
+        hidden=m.hidden,
+        history_pooling=m.history_pooling,
+        use_user_id=m.use_user_id,
+        user_hash_buckets=m.user_hash_buckets,
+        use_features=m.use_features,
+        sparse=m.sparse_embeddings and not (cfg.train.accelerator == "gpu" and cfg.train.devices > 1),
+        dropout=m.dropout,
+        temperature=m.temperature,
+        learn_temperature=m.learn_temperature,
+    )
+
+
+def vocab_fingerprint(prepared: str | Path) -> str:
+    """Checksums of the vocabulary files: training and serving must map ids identically."""
+    files = read_manifest(prepared).get("files", {})
+    vocab = {k: v["sha256"] for k, v in sorted(files.items()) if k.startswith("vocab/")}
+    return fingerprint(vocab)
+
+
+def run(cfg: Config, prepared: str | Path, run_dir: str | Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train the towers and write ``RUN_DIR/model`` (weights, description, manifest).
+
+    Args:
+        cfg: resolved configuration.
+        prepared: prepared artifact directory (from ``recsys prepare``).
+        run_dir: where checkpoints, the MLflow store and the model artifact go.
+        resume: continue from ``RUN_DIR/checkpoints/last.ckpt`` when it exists.
+        progress: show Lightning's progress bar.
+
+    Returns:
+        Summary with the best validation metric, epochs, timing and paths.
+    """
+    prepared, run_dir = Path(prepared), Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prep_manifest = read_manifest(prepared)
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    catalog = load_catalog(prepared)
+    shape = tower_shape(cfg, catalog)
+    tcfg = to_dict(cfg.train)
+    lit = TwoTowerLightning(shape.to_dict(), tcfg, {"history_dropout": cfg.model.history_dropout}, cfg.eval.ks[:3])
+    lit.set_catalog(catalog)
+    dm = TowerDataModule(
+        prepared,
+        batch_size=cfg.train.batch_size,
+        max_history=cfg.data.max_history,
+        loader=cfg.train.loader,
+        num_workers=cfg.train.num_workers,
+        seed=cfg.train.seed,
+        target_events=cfg.eval.target_events,
+        bought_events=cfg.data.bought_events,
+        val_max_users=cfg.train.val_max_users,
+        val_batch_users=cfg.eval.batch_users,
+    )
+    dm.setup()
+    lit.val_queries = dm.val_queries
+    has_val = dm.val_queries is not None and len(dm.val_queries) > 0
+    monitor = f"val/recall@{cfg.train.val_k}"
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="best",
+            monitor=monitor if has_val else None,
+            mode="max",
+            save_last=True,
+            save_top_k=1,
+            every_n_train_steps=cfg.train.checkpoint_every_n_steps or None,
+        )
+    ]
+    if has_val and cfg.train.early_stopping_patience > 0:
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.train.early_stopping_patience))
+    if cfg.train.max_minutes > 0:
+        callbacks.append(Timer(duration={"minutes": cfg.train.max_minutes}))
+
+    uri = tracking.tracking_uri(cfg.train.tracking_uri, run_dir)
+    exp_id = tracking.ensure_experiment(uri, cfg.train.experiment, run_dir)
+    from pytorch_lightning.loggers import CSVLogger, MLFlowLogger
+
+    mlf = MLFlowLogger(experiment_name=cfg.train.experiment, tracking_uri=uri, run_name=f"towers-{run_dir.name}")
+    mlf._experiment_id = exp_id
+    existing = run_dir / "mlflow_run_id.txt"
+    if resume and existing.exists():
+        mlf._run_id = existing.read_text().strip()
+    loggers = [mlf, CSVLogger(str(run_dir), name="logs", version="towers")]
+    precision = cfg.train.precision
+    if cfg.train.accelerator == "gpu" and precision == "32-true":
+        precision = "bf16-mixed"
+    trainer = pl.Trainer(
+        max_epochs=cfg.train.epochs,
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices,
+        strategy=cfg.train.strategy,
+        precision=precision,
+        callbacks=callbacks,
+        logger=loggers,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=cfg.train.val_every_n_epochs,
+        limit_val_batches=1.0 if has_val else 0,
+        reload_dataloaders_every_n_epochs=1,
+        log_every_n_steps=50,
+        deterministic=False,
+    )
+    ckpt_path = ckpt_dir / "last.ckpt"
+    t0 = time.time()
+    mlf.log_hyperparams(tracking.flatten(to_dict(cfg)))
+    existing.write_text(mlf.run_id)
+    trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if (resume and ckpt_path.exists()) else None)
+    train_seconds = time.time() - t0
+
+    best_path = callbacks[0].best_model_path or str(ckpt_path)
+    best_score = callbacks[0].best_model_score
+    state = torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"]
+    lit.load_state_dict(state)
+    model = lit.model.cpu().eval()
+    resolved = to_dict(cfg)
+    extra = {
+        "config": resolved,
+        "config_fingerprint": fingerprint(resolved),
+        "vocab_fingerprint": vocab_fingerprint(prepared),
+        "prepared": str(prepared.resolve()),
+        "prepared_created_at": prep_manifest.get("created_at"),
+        "best_val": {monitor: float(best_score) if best_score is not None else None},
+        "epochs_trained": int(trainer.current_epoch),
+        "train_seconds": round(train_seconds, 1),
+        "mlflow": {"tracking_uri": uri, "run_id": mlf.run_id},
+    }
+    model_dir = run_dir / "model"
+    with atomic_artifact(model_dir, {"stage": "train", **extra}) as tmp:
+        save_towers(model, tmp, extra)
+    summary = {
+        "model_dir": str(model_dir),
+        "best_checkpoint": best_path,
+        monitor: extra["best_val"][monitor],
+        "epochs": extra["epochs_trained"],
+        "train_seconds": extra["train_seconds"],
+        "mlflow_run_id": mlf.run_id,
+        "tracking_uri": uri,
+    }
+    _log_model(uri, mlf.run_id, model_dir, cfg, monitor, extra["best_val"][monitor])
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _log_model(uri: str, run_id: str, model_dir: Path, cfg: Config, metric: str, value: float | None) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    client.log_artifacts(run_id, str(model_dir), artifact_path="towers")
+    if cfg.train.register_model:
+        source = f"{client.get_run(run_id).info.artifact_uri}/towers"
+        tracking.register(client, f"{cfg.train.experiment}-two-tower", source, run_id, metric.replace("/", "_").replace("@", "_at_"), value or 0.0)
+    mlflow.set_tracking_uri(uri)

@@ -1,0 +1,70 @@
+"""The two-tower model: user, product and seller towers projected into one normalised space."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from towers.product_tower import ProductTower
+from towers.seller_tower import SellerTower
+from towers.shapes import TowerShape
+from towers.user_tower import UserTower
+
+
+class TwoTowerModel(nn.Module):
+    """User, product and seller towers sharing one d-dimensional space.
+
+    The score of a (user, item) pair is ``cos(u, i) / temperature``; the FAISS indexes use the inner
+    product of the same L2-normalised vectors, so ranking by index score equals ranking by model score.
+    """
+
+    def __init__(
+        self,
+        shape: TowerShape,
+        product_cats: torch.Tensor | None = None,
+        product_num: torch.Tensor | None = None,
+        seller_num: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.shape = shape
+        self.products = ProductTower(shape, product_cats, product_num)
+        self.sellers = SellerTower(shape, seller_num)
+        self.users = UserTower(shape, self.products.id_emb, self.sellers.id_emb if shape.has_sellers else None)
+        log_t = torch.tensor(math.log(shape.temperature))
+        if shape.learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(0.01, 1.0)
+
+    def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Args: batch with user_idx [B], hist_products/hist_sellers [B, L], hour/dow [B]. Returns [B, d] unit vectors."""
+        u = self.users(
+            batch["user_idx"],
+            batch["hist_products"],
+            batch.get("hist_sellers"),
+            batch.get("hour"),
+            batch.get("dow"),
+        )
+        return F.normalize(u, dim=-1)
+
+    def product_vectors(self, product_idx: torch.Tensor) -> torch.Tensor:
+        """Args: product_idx [...]. Returns [..., d] unit vectors."""
+        return F.normalize(self.products(product_idx), dim=-1)
+
+    def seller_vectors(self, seller_idx: torch.Tensor) -> torch.Tensor:
+        """Args: seller_idx [...]. Returns [..., d] unit vectors."""
+        return F.normalize(self.sellers(seller_idx), dim=-1)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [m.weight for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse and p.requires_grad]
