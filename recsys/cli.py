@@ -82,6 +82,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from recsys import pipeline
+
+    cfg = _cfg(args)
+    results = pipeline.fit(cfg, args.out, data=args.data, from_stage=args.from_stage, progress=args.progress)
+    _print(results)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from recsys import quickstart
+
+    return quickstart.run(args.out, config=args.config, overrides=args.overrides, serve=not args.no_serve)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -121,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(e)
     e.set_defaults(fn=cmd_evaluate)
 
+    f = sub.add_parser("fit", help="run every offline stage: prepare, train, evaluate, refit, export, index, ranker")
+    f.add_argument("--data", help="raw data directory (raw contract, Olist, LightGCN or MovieLens layout); "
+                   "overrides the config's data source")
+    f.add_argument("--out", required=True, help="run directory (every stage's artifact goes under it)")
+    f.add_argument("--from", dest="from_stage", help="rerun from this stage even if it is up to date")
+    f.add_argument("--progress", action="store_true", help="show training progress bars")
+    _add_config_args(f)
+    f.set_defaults(fn=cmd_fit)
+
+    q = sub.add_parser("quickstart", help="generate a small synthetic marketplace, fit everything, serve it, query it")
+    q.add_argument("--out", default="runs/quickstart", help="run directory")
+    q.add_argument("--no-serve", action="store_true", help="skip starting the API and sending requests")
+    _add_config_args(q)
+    q.set_defaults(fn=cmd_quickstart)
     return p
 
 

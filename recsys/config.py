@@ -108,6 +108,9 @@ class TrainConfig:
     experiment: str = "recsys"
     register_model: bool = True
     checkpoint_every_n_steps: int = 0
+    # After model selection, retrain on all the data the user gave for the selected epoch count:
+    # that model is exported and served (the evaluated one stays under RUN_DIR/model).
+    refit_full: bool = True
 
 
 @dataclass(frozen=True)

@@ -39,3 +39,10 @@ def load_towers(directory: str | Path, device: str = "cpu") -> tuple[TwoTowerMod
     model.load_state_dict(state)
     model.to(device).eval()
     return model, desc
+
+
+def serving_model_dir(run_dir: str | Path) -> Path:
+    """The model that serving uses: the full-data refit when there is one, else the selected model."""
+    run_dir = Path(run_dir)
+    full = run_dir / "model_full"
+    return full if (full / DESCRIPTION).exists() else run_dir / "model"

@@ -40,6 +40,8 @@ class TowerDataModule(pl.LightningDataModule):
         bought_events: tuple[str, ...] = ("purchase",),
         val_max_users: int = 20000,
         val_batch_users: int = 1024,
+        train_splits: tuple[str, ...] = ("train",),
+        validate: bool = True,
     ):
         super().__init__()
         self.prepared = Path(prepared)
@@ -53,9 +55,11 @@ class TowerDataModule(pl.LightningDataModule):
         self.val_max_users = val_max_users
         self.val_batch_users = val_batch_users
         self.val_queries: EvalQueries | None = None
+        self.train_splits = train_splits
+        self.validate = validate
 
     def setup(self, stage: str | None = None) -> None:
-        if self.val_queries is None and (self.prepared / "examples" / "val").exists():
+        if self.validate and self.val_queries is None and (self.prepared / "examples" / "val").exists():
             q = build_queries(
                 self.prepared,
                 "val",
@@ -79,7 +83,7 @@ class TowerDataModule(pl.LightningDataModule):
         epoch = trainer.current_epoch if trainer is not None else 0
         return make_loader(
             self.loader_kind,
-            str(self.prepared / "examples" / "train"),
+            [str(self.prepared / "examples" / s) for s in self.train_splits if (self.prepared / "examples" / s).exists()],
             batch_size=self.batch_size,
             max_history=self.max_history,
             shuffle=True,

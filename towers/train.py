@@ -56,15 +56,28 @@ def vocab_fingerprint(prepared: str | Path) -> str:
     return fingerprint(vocab)
 
 
-def run(cfg: Config, prepared: str | Path, run_dir: str | Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Train the towers and write ``RUN_DIR/model`` (weights, description, manifest).
+def run(
+    cfg: Config,
+    prepared: str | Path,
+    run_dir: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    train_splits: tuple[str, ...] = ("train",),
+    epochs: int | None = None,
+    out_name: str = "model",
+) -> dict[str, Any]:
+    """Train the towers and write ``RUN_DIR/<out_name>`` (weights, description, manifest).
 
     Args:
         cfg: resolved configuration.
         prepared: prepared artifact directory (from ``recsys prepare``).
         run_dir: where checkpoints, the MLflow store and the model artifact go.
-        resume: continue from ``RUN_DIR/checkpoints/last.ckpt`` when it exists.
+        resume: continue from ``RUN_DIR/checkpoints[_<out_name>]/last.ckpt`` when it exists.
         progress: show Lightning's progress bar.
+        train_splits: example splits to train on; validation (model selection, early stopping)
+            runs only when this is just ``("train",)``.
+        epochs: a fixed number of epochs (refit), else ``train.epochs`` with early stopping.
+        out_name: the model directory name under the run directory.
 
     Returns:
         Summary with the best validation metric, epochs, timing and paths.
@@ -90,12 +103,14 @@ def run(cfg: Config, prepared: str | Path, run_dir: str | Path, resume: bool = T
         bought_events=cfg.data.bought_events,
         val_max_users=cfg.train.val_max_users,
         val_batch_users=cfg.eval.batch_users,
+        train_splits=train_splits,
+        validate=tuple(train_splits) == ("train",),
     )
     dm.setup()
     lit.val_queries = dm.val_queries
     has_val = dm.val_queries is not None and len(dm.val_queries) > 0
     monitor = f"val/recall@{cfg.train.val_k}"
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / ("checkpoints" if out_name == "model" else f"checkpoints_{out_name}")
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -116,9 +131,10 @@ def run(cfg: Config, prepared: str | Path, run_dir: str | Path, resume: bool = T
     exp_id = tracking.ensure_experiment(uri, cfg.train.experiment, run_dir)
     from pytorch_lightning.loggers import CSVLogger, MLFlowLogger
 
-    mlf = MLFlowLogger(experiment_name=cfg.train.experiment, tracking_uri=uri, run_name=f"towers-{run_dir.name}")
+    mlf = MLFlowLogger(experiment_name=cfg.train.experiment, tracking_uri=uri, run_name=f"towers-{out_name}-{run_dir.name}")
     mlf._experiment_id = exp_id
-    existing = run_dir / "mlflow_run_id.txt"
+    existing = ckpt_dir / "mlflow_run_id.txt"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     if resume and existing.exists():
         mlf._run_id = existing.read_text().strip()
     loggers = [mlf, CSVLogger(str(run_dir), name="logs", version="towers")]
@@ -126,7 +142,7 @@ def run(cfg: Config, prepared: str | Path, run_dir: str | Path, resume: bool = T
     if cfg.train.accelerator == "gpu" and precision == "32-true":
         precision = "bf16-mixed"
     trainer = pl.Trainer(
-        max_epochs=cfg.train.epochs,
+        max_epochs=epochs or cfg.train.epochs,
         accelerator=cfg.train.accelerator,
         devices=cfg.train.devices,
         strategy=cfg.train.strategy,
@@ -163,10 +179,12 @@ def run(cfg: Config, prepared: str | Path, run_dir: str | Path, resume: bool = T
         "prepared_created_at": prep_manifest.get("created_at"),
         "best_val": {monitor: float(best_score) if best_score is not None else None},
         "epochs_trained": int(trainer.current_epoch),
+        "best_epoch": _best_epoch(best_path, trainer.current_epoch),
+        "train_splits": list(train_splits),
         "train_seconds": round(train_seconds, 1),
         "mlflow": {"tracking_uri": uri, "run_id": mlf.run_id},
     }
-    model_dir = run_dir / "model"
+    model_dir = run_dir / out_name
     with atomic_artifact(model_dir, {"stage": "train", **extra}) as tmp:
         save_towers(model, tmp, extra)
     summary = {
@@ -174,13 +192,34 @@ def run(cfg: Config, prepared: str | Path, run_dir: str | Path, resume: bool = T
         "best_checkpoint": best_path,
         monitor: extra["best_val"][monitor],
         "epochs": extra["epochs_trained"],
+        "best_epoch": extra["best_epoch"],
         "train_seconds": extra["train_seconds"],
         "mlflow_run_id": mlf.run_id,
         "tracking_uri": uri,
     }
     _log_model(uri, mlf.run_id, model_dir, cfg, monitor, extra["best_val"][monitor])
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / f"train_summary_{out_name}.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _best_epoch(path: str, fallback: int) -> int:
+    """Epoch count (1-based) stored in a Lightning checkpoint."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"]) + 1
+    except (OSError, KeyError, RuntimeError):
+        return int(fallback)
+
+
+def refit(cfg: Config, prepared: str | Path, run_dir: str | Path, include_test: bool, progress: bool = True) -> dict[str, Any]:
+    """Retrain on every split the user gave (train + val, + test when we carved it) for the selected
+    number of epochs, into ``RUN_DIR/model_full``: the model that export and serving use.
+
+    Args:
+        include_test: train on the test split too (true unless the source predefined the test split).
+    """
+    best = json.loads((Path(run_dir) / "model" / "model.json").read_text()).get("best_epoch") or cfg.train.epochs
+    splits = ("train", "val", "test") if include_test else ("train", "val")
+    return run(cfg, prepared, run_dir, resume=False, progress=progress, train_splits=splits, epochs=int(best), out_name="model_full")
 
 
 def _log_model(uri: str, run_id: str, model_dir: Path, cfg: Config, metric: str, value: float | None) -> None:

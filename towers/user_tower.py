@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from towers.embeddings import embedding
 from towers.history_encoder import HistoryEncoder
 from towers.shapes import TowerShape
+
+
+def ragged_mean(table: nn.Embedding, idx: torch.Tensor, mask: torch.Tensor, denom: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``table`` rows over the unmasked entries of each row of ``idx`` [B, L] → [B, d].
+
+    Looks up each distinct id once and pools with ``embedding_bag`` over the compacted ids, so the
+    sparse gradient has one row per distinct id instead of B × L rows (coalescing those rows was
+    the largest cost of a CPU training step) and no [B, L, d] tensor is materialised.
+    """
+    counts = mask.sum(1)
+    flat = idx[mask]
+    if flat.numel() == 0:
+        return torch.zeros(idx.shape[0], table.embedding_dim, device=idx.device, dtype=table.weight.dtype)
+    uniq, inv = torch.unique(flat, return_inverse=True)
+    rows = table(uniq)
+    offsets = torch.cumsum(counts, 0) - counts
+    summed = F.embedding_bag(inv, rows, offsets, mode="sum")
+    d = (counts if denom is None else denom).clamp_min(1).unsqueeze(1).to(summed.dtype)
+    return summed / d
 
 
 class UserTower(nn.Module):
@@ -54,10 +74,17 @@ class UserTower(nn.Module):
             [B, d] float.
         """
         mask = hist_products > 0
-        items = self.product_ids(hist_products)
-        if self.seller_ids is not None and hist_sellers is not None:
-            items = items + 0.5 * self.seller_ids(hist_sellers) * (hist_sellers > 0).unsqueeze(-1)
-        h = self.hist_proj(self.dropout(self.history(items, mask)))
+        use_sellers = self.seller_ids is not None and hist_sellers is not None
+        if self.history.pooling == "mean":
+            pooled = ragged_mean(self.product_ids, hist_products, mask)
+            if use_sellers:
+                pooled = pooled + 0.5 * ragged_mean(self.seller_ids, hist_sellers, mask & (hist_sellers > 0), mask.sum(1))
+        else:
+            items = self.product_ids(hist_products)
+            if use_sellers:
+                items = items + 0.5 * self.seller_ids(hist_sellers) * (hist_sellers > 0).unsqueeze(-1)
+            pooled = self.history(items, mask)
+        h = self.hist_proj(self.dropout(pooled))
         x = h
         if self.use_user_id:
             x = x + self.id_emb(user_idx)

@@ -48,8 +48,16 @@ def make_loader(
         **options: loader-specific, e.g. ``buffer_rows`` (shuffle buffer size, both kinds),
             ``prefetch_factor`` and ``pin_memory`` (arrow).
     """
-    kw = dict(shuffle=shuffle, seed=seed, num_workers=num_workers, rank=rank, world_size=world_size,
-              drop_last=drop_last, epoch=epoch, **options)
+    kw = dict(
+        shuffle=shuffle,
+        seed=seed,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+        epoch=epoch,
+        **options,
+    )
     if kind == "arrow":
         from data_pipelines.loaders.arrow_loader import ArrowExampleLoader
 
@@ -61,4 +69,11 @@ def make_loader(
     raise ValueError(f"unknown loader kind {kind!r}; expected one of {LOADER_KINDS}")
 
 
-__all__ = ["BATCH_KEYS", "LOADER_KINDS", "ExampleLoader", "list_parquet_files", "make_loader", "pad_histories"]
+__all__ = [
+    "BATCH_KEYS",
+    "LOADER_KINDS",
+    "ExampleLoader",
+    "list_parquet_files",
+    "make_loader",
+    "pad_histories",
+]

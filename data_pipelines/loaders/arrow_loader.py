@@ -63,8 +63,15 @@ class _ChunkDataset(IterableDataset):
     process makes the tensors: much cheaper than torch's one-shared-memory-segment-per-tensor transfer.
     """
 
-    def __init__(self, row_groups: list[RowGroup], chunks: list[_Chunk], batch_size: int, max_history: int,
-                 shuffle: bool, seeds: tuple[int, ...]):
+    def __init__(
+        self,
+        row_groups: list[RowGroup],
+        chunks: list[_Chunk],
+        batch_size: int,
+        max_history: int,
+        shuffle: bool,
+        seeds: tuple[int, ...],
+    ):
         super().__init__()
         self.row_groups = row_groups
         self.chunks = chunks
@@ -95,13 +102,15 @@ class _ChunkDataset(IterableDataset):
                 data = concat_numpy(parts)
                 b = self.batch_size
                 if self.shuffle:
-                    perm = np.random.default_rng(mix_seed(*self.seeds, chunk.index)).permutation(chunk.num_rows)
+                    perm = np.random.default_rng(mix_seed(*self.seeds, chunk.index)).permutation(
+                        chunk.num_rows
+                    )
                     for j in range(chunk.num_batches):
-                        idx = perm[j * b:(j + 1) * b]
+                        idx = perm[j * b : (j + 1) * b]
                         yield {k: v[idx] for k, v in data.items()}
                 else:
                     for j in range(chunk.num_batches):
-                        yield {k: v[j * b:(j + 1) * b] for k, v in data.items()}
+                        yield {k: v[j * b : (j + 1) * b] for k, v in data.items()}
         finally:
             for f in files.values():
                 f.close()
@@ -112,10 +121,18 @@ class ArrowExampleLoader(ExampleLoader):
 
     kind = "arrow"
 
-    def __init__(self, *args, buffer_rows: int = DEFAULT_BUFFER_ROWS, prefetch_factor: int = 2,
-                 pin_memory: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        buffer_rows: int = DEFAULT_BUFFER_ROWS,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self.chunk_rows = max(1, math.ceil(max(buffer_rows, self.batch_size) / self.batch_size)) * self.batch_size
+        self.chunk_rows = (
+            max(1, math.ceil(max(buffer_rows, self.batch_size) / self.batch_size)) * self.batch_size
+        )
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
 
@@ -158,17 +175,28 @@ class ArrowExampleLoader(ExampleLoader):
         return chunks
 
     def dataset(self) -> _ChunkDataset:
-        return _ChunkDataset(self.row_groups, self.plan(), self.batch_size, self.max_history, self.shuffle,
-                             (self.seed, self.epoch, self.rank))
+        return _ChunkDataset(
+            self.row_groups,
+            self.plan(),
+            self.batch_size,
+            self.max_history,
+            self.shuffle,
+            (self.seed, self.epoch, self.rank),
+        )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         ds = self.dataset()
         if self.num_workers == 0:
             batches = iter(ds)
         else:
-            batches = DataLoader(ds, batch_size=None, collate_fn=_identity,
-                                 num_workers=min(self.num_workers, max(1, len(ds.chunks))),
-                                 prefetch_factor=self.prefetch_factor, persistent_workers=False)
+            batches = DataLoader(
+                ds,
+                batch_size=None,
+                collate_fn=_identity,
+                num_workers=min(self.num_workers, max(1, len(ds.chunks))),
+                prefetch_factor=self.prefetch_factor,
+                persistent_workers=False,
+            )
         for arrays in batches:
             batch = to_torch_batch(arrays)
             if self.pin_memory:

@@ -123,7 +123,9 @@ def pad_histories(
     return out, kept
 
 
-def _list_to_padded(arr: pa.Array | pa.ChunkedArray, max_history: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+def list_to_padded(
+    arr: pa.Array | pa.ChunkedArray, max_history: int, dtype
+) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
     if arr.null_count:
@@ -155,7 +157,7 @@ def table_to_numpy(table: pa.Table, max_history: int, compact: bool = False) -> 
     out["weight"] = _scalar(table.column("weight"), np.float32)
     lens = None
     for c in HIST_COLUMNS:
-        out[c], n = _list_to_padded(table.column(c), max_history, np.int32 if compact else np.int64)
+        out[c], n = list_to_padded(table.column(c), max_history, np.int32 if compact else np.int64)
         if lens is None:
             lens = n
     out["hist_len"] = lens

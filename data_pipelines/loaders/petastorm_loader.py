@@ -38,7 +38,9 @@ from data_pipelines.loaders.base import (
 
 # petastorm 0.12 drives pyarrow's legacy dataset API, which warns on every call.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\..*)?$")
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module=r"petastorm(\..*)?$")
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", module=r"petastorm(\..*)?$"
+)
 
 DEFAULT_BUFFER_ROWS = 131072
 
@@ -109,8 +111,14 @@ class PetastormExampleLoader(ExampleLoader):
     def _reader(self):
         from petastorm import make_batch_reader
 
-        kw = dict(reader_pool_type="dummy") if self.num_workers == 0 else dict(
-            reader_pool_type="thread", workers_count=self.num_workers, results_queue_size=max(2, 2 * self.num_workers)
+        kw = (
+            dict(reader_pool_type="dummy")
+            if self.num_workers == 0
+            else dict(
+                reader_pool_type="thread",
+                workers_count=self.num_workers,
+                results_queue_size=max(2, 2 * self.num_workers),
+            )
         )
         shard = dict(cur_shard=self.rank, shard_count=self.world_size) if self.world_size > 1 else {}
         return make_batch_reader(
@@ -137,8 +145,11 @@ class PetastormExampleLoader(ExampleLoader):
         reader = self._reader()
         it = None
         try:
-            loader = BatchedDataLoader(reader, batch_size=self.batch_size,
-                                       shuffling_queue_capacity=self.buffer_rows if self.shuffle else 0)
+            loader = BatchedDataLoader(
+                reader,
+                batch_size=self.batch_size,
+                shuffling_queue_capacity=self.buffer_rows if self.shuffle else 0,
+            )
             it = iter(loader)
             rng_state = None
             if self.shuffle:

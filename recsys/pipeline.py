@@ -1,0 +1,201 @@
+"""``recsys fit``: every offline stage in order, each writing its artifact under RUN_DIR.
+
+Stages and artifacts::
+
+    raw data ─prepare→ RUN_DIR/prepared ─train→ RUN_DIR/model ─evaluate→ RUN_DIR/eval
+                                              └─refit→ RUN_DIR/model_full ─export→ RUN_DIR/export
+                                                    ─index→ RUN_DIR/index ─bundle→ RUN_DIR/bundles/<v>
+                                                    ─ranker→ RUN_DIR/ranker
+
+A stage is skipped when its artifact exists and its key (a hash of the config sections it reads,
+its inputs' fingerprints and the keys of the stages before it) equals the stored one.
+``from_stage`` forces that stage and every later one to run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from recsys.artifacts import MANIFEST, input_fingerprint
+from recsys.config import Config, fingerprint, to_dict
+
+STATE = "stages.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One offline stage: its name, the artifact it writes, the config sections it reads, and its body."""
+
+    name: str
+    artifact: str
+    sections: tuple[str, ...]
+    body: Callable[[FitContext], dict[str, Any]]
+
+
+@dataclass
+class FitContext:
+    cfg: Config
+    run_dir: Path
+    data_dir: Path | None
+    source: str
+    progress: bool
+    results: dict[str, Any]
+
+    @property
+    def prepared(self) -> Path:
+        return self.run_dir / "prepared"
+
+
+def say(msg: str) -> None:
+    print(f"[recsys {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- stage bodies
+
+
+def _generate(ctx: FitContext) -> dict[str, Any]:
+    from data_pipelines import synthetic
+
+    out = ctx.run_dir / "raw"
+    summary = synthetic.generate(out, preset=ctx.cfg.data.synthetic_preset, seed=ctx.cfg.data.synthetic_seed)
+    ctx.data_dir = out
+    return summary
+
+
+def _prepare(ctx: FitContext) -> dict[str, Any]:
+    from data_pipelines import prepare
+    from data_pipelines.adapters import read_source
+    from data_pipelines.spark_session import get_spark
+
+    assert ctx.data_dir is not None
+    tables = None
+    if ctx.source not in ("contract", "synthetic"):
+        tables = read_source(get_spark(ctx.cfg.data.spark), ctx.source, str(ctx.data_dir))
+    m = prepare.run(ctx.cfg, str(ctx.data_dir), str(ctx.prepared), tables=tables, progress=say)
+    return {k: m.get(k) for k in ("row_counts", "rejected", "split", "n_users", "n_products", "n_sellers")}
+
+
+def _train(ctx: FitContext) -> dict[str, Any]:
+    from towers import train
+
+    return train.run(ctx.cfg, ctx.prepared, ctx.run_dir, resume=True, progress=ctx.progress)
+
+
+def _evaluate(ctx: FitContext) -> dict[str, Any]:
+    from towers import evaluate
+
+    report = evaluate.run(ctx.cfg, ctx.run_dir, ctx.prepared, split="test")
+    return {m: {w: {k: r[w].get(k) for k in ("recall@20", "ndcg@20")} for w in ("products", "sellers") if w in r}
+            for m, r in report["models"].items()}
+
+
+def _refit(ctx: FitContext) -> dict[str, Any]:
+    from towers import train
+
+    manifest = json.loads((ctx.prepared / MANIFEST).read_text())
+    method = (manifest.get("split") or {}).get("method", "")
+    return train.refit(ctx.cfg, ctx.prepared, ctx.run_dir, include_test=method != "predefined", progress=ctx.progress)
+
+
+def stages(cfg: Config) -> list[Stage]:
+    """The ordered offline stages for this configuration."""
+    out = [
+        Stage("prepare", "prepared", ("data",), _prepare),
+        Stage("train", "model", ("data", "model", "train", "eval"), _train),
+        Stage("evaluate", "eval", ("data", "model", "train", "eval"), _evaluate),
+    ]
+    if cfg.train.refit_full:
+        out.append(Stage("refit", "model_full", ("data", "model", "train"), _refit))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def resolve_source(cfg: Config, data: str | None) -> tuple[Config, str, Path | None]:
+    """Decide where the raw data comes from: ``--data`` (any known layout) overrides the config's source."""
+    from data_pipelines.adapters import detect_source
+
+    if data:
+        path = Path(data)
+        if not path.exists():
+            raise FileNotFoundError(f"--data {data}: no such directory")
+        source = detect_source(str(path))
+        return replace(cfg, data=replace(cfg.data, source=source, path=str(path))), source, path
+    if cfg.data.source == "synthetic":
+        return cfg, "synthetic", None
+    if not cfg.data.path:
+        raise FileNotFoundError("no input data: pass --data DIR or set data.path / data.source in the config")
+    path = Path(cfg.data.path)
+    if not path.exists():
+        raise FileNotFoundError(f"data.path {cfg.data.path}: no such directory")
+    source = cfg.data.source if cfg.data.source != "contract" else detect_source(str(path))
+    return cfg, source, path
+
+
+def fit(cfg: Config, run_dir: str | Path, data: str | None = None, from_stage: str | None = None,
+        progress: bool = False) -> dict[str, Any]:
+    """Run every offline stage whose inputs or config changed (or all from ``from_stage``).
+
+    Args:
+        cfg: resolved configuration.
+        run_dir: the run directory that holds every stage's artifact.
+        data: raw data directory; overrides the config's data source.
+        from_stage: rerun this stage and all later ones.
+        progress: show training progress bars.
+
+    Returns:
+        ``{stage: summary}`` for the stages that ran or were skipped (skipped ones say so).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, source, data_dir = resolve_source(cfg, data)
+    ctx = FitContext(cfg, run_dir, data_dir, source, progress, {})
+    plan = stages(cfg)
+    names = [s.name for s in plan]
+    if from_stage is not None and from_stage not in names:
+        raise ValueError(f"--from {from_stage}: unknown stage (stages: {', '.join(names)})")
+    state_path = run_dir / STATE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    if source == "synthetic":
+        raw = run_dir / "raw"
+        key = fingerprint({"preset": cfg.data.synthetic_preset, "seed": cfg.data.synthetic_seed})
+        if state.get("generate", {}).get("key") == key and (raw / "generator.json").exists():
+            ctx.data_dir = raw
+            say(f"generate: up to date ({raw})")
+        else:
+            say(f"generate: synthetic marketplace preset={cfg.data.synthetic_preset} → {raw}")
+            ctx.results["generate"] = _generate(ctx)
+            state["generate"] = {"key": key}
+    upstream = input_fingerprint([ctx.data_dir]) if ctx.data_dir else ""
+    forced = False
+    results: dict[str, Any] = {}
+    for st in plan:
+        sections = {s: to_dict(getattr(cfg, s)) for s in st.sections}
+        key = fingerprint({"sections": sections, "upstream": upstream, "source": source})
+        forced = forced or st.name == from_stage
+        done = state.get(st.name, {})
+        if not forced and done.get("key") == key and (run_dir / st.artifact / MANIFEST).exists():
+            say(f"{st.name}: up to date ({run_dir / st.artifact})")
+            results[st.name] = {"skipped": True, **done.get("summary", {})}
+        else:
+            say(f"{st.name}: running → {run_dir / st.artifact}")
+            t0 = time.time()
+            summary = st.body(ctx)
+            summary = json.loads(json.dumps(summary, default=str))
+            state[st.name] = {"key": key, "seconds": round(time.time() - t0, 1), "summary": summary}
+            state_path.write_text(json.dumps(state, indent=2))
+            results[st.name] = summary
+            say(f"{st.name}: done in {time.time() - t0:.0f}s")
+            forced = True  # everything downstream of a rerun stage reruns
+        upstream = key
+    state_path.write_text(json.dumps(state, indent=2))
+    return results
