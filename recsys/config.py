@@ -102,6 +102,7 @@ class TrainConfig:
     val_k: int = 20
     val_max_users: int = 20000
     num_workers: int = 0
+    num_threads: int = 0  # torch intra-op threads; 0 = one per core
     loader: str = "arrow"  # arrow | petastorm
     max_minutes: float = 0.0  # 0 = no wall-clock limit
     tracking_uri: str = ""  # "" = sqlite file under the run dir, or $MLFLOW_TRACKING_URI

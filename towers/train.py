@@ -86,7 +86,7 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     prep_manifest = read_manifest(prepared)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(cfg.train.num_threads or max(1, os.cpu_count() or 1))
     catalog = load_catalog(prepared)
     shape = tower_shape(cfg, catalog)
     tcfg = to_dict(cfg.train)
