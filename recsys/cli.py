@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 from recsys.config import Config, ConfigError, load_config
@@ -97,6 +98,39 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return quickstart.run(args.out, config=args.config, overrides=args.overrides, serve=not args.no_serve)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from recsys import report
+
+    print(report.run(args.run, args.compare, args.out))
+    return 0
+
+
+def cmd_ab_analyze(args: argparse.Namespace) -> int:
+    from recsys.ab.analysis import analyze
+
+    cfg = _cfg(args)
+    rep = analyze(
+        args.exposures,
+        args.events,
+        out_dir=args.out,
+        window_days=args.window_days,
+        experiment=args.experiment,
+        control=args.control,
+        ab=cfg.ab if cfg.ab.experiment else None,
+        n_boot=args.bootstrap,
+        alpha=args.alpha,
+    )
+    print((Path(rep["out_dir"]) / "report.md").read_text())
+    return 0
+
+
+def cmd_ab_plan(args: argparse.Namespace) -> int:
+    from recsys.ab.analysis import plan_sample_size
+
+    _print(plan_sample_size(args.baseline, args.lift, alpha=args.alpha, power=args.power))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -150,6 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-serve", action="store_true", help="skip starting the API and sending requests")
     _add_config_args(q)
     q.set_defaults(fn=cmd_quickstart)
+
+    r = sub.add_parser("report", help="HTML + Markdown report: side-by-side metrics, curves, slices, training, data")
+    r.add_argument("--run", required=True, help="run directory")
+    r.add_argument("--compare", action="append", default=[], metavar="RUN_DIR", help="another run to compare (repeatable)")
+    r.add_argument("--out", help="output directory (default RUN_DIR/report)")
+    r.set_defaults(fn=cmd_report)
+
+    ab = sub.add_parser("ab", help="A/B testing: analyze exposure logs against later events, plan sample sizes")
+    abs_ = ab.add_subparsers(dest="ab_command", metavar="ACTION")
+    an = abs_.add_parser("analyze", help="per-variant conversion, revenue, CTR/PTR at position, CIs, p-values, SRM check")
+    an.add_argument("--exposures", action="append", required=True, help="exposure log file or directory (repeatable)")
+    an.add_argument("--events", required=True, help="events table (raw contract; CSV/Parquet file or folder)")
+    an.add_argument("--out", default="ab_report", help="output directory for report.json / report.md")
+    an.add_argument("--window-days", type=float, default=7.0, help="attribution window after an exposure")
+    an.add_argument("--experiment", help="experiment name (default: the only one in the log)")
+    an.add_argument("--control", help="control variant name (default: config or the first variant)")
+    an.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples for confidence intervals")
+    an.add_argument("--alpha", type=float, default=0.05, help="significance level")
+    _add_config_args(an)
+    an.set_defaults(fn=cmd_ab_analyze)
+    pl_ = abs_.add_parser("plan", help="users per variant needed to detect a relative lift")
+    pl_.add_argument("--baseline", type=float, required=True, help="baseline conversion rate, e.g. 0.05")
+    pl_.add_argument("--lift", type=float, required=True, help="relative lift to detect, e.g. 0.1 for +10%%")
+    pl_.add_argument("--alpha", type=float, default=0.05)
+    pl_.add_argument("--power", type=float, default=0.8)
+    pl_.set_defaults(fn=cmd_ab_plan)
+    ab.set_defaults(fn=lambda a: (ab.print_help(), 2)[1])
     return p
 
 

@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -50,8 +51,11 @@ SRM_ALPHA = 0.001
 # ---------------------------------------------------------------------------------------------- planning
 
 
+_N = NormalDist()
+
+
 def _z(q: float) -> float:
-    return float(stats.norm.ppf(q))
+    return _N.inv_cdf(q)
 
 
 def plan_sample_size(baseline_rate: float, relative_lift: float, alpha: float = 0.05, power: float = 0.8,
@@ -106,7 +110,7 @@ def power_two_proportions(p_control: float, p_treatment: float, n_control: int, 
     se0 = math.sqrt(max(pbar * (1 - pbar) * (1 / n1 + 1 / n2), 1e-300))
     se1 = math.sqrt(max(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2, 1e-300))
     d, za = abs(p2 - p1), _z(1 - alpha / 2)
-    return float(stats.norm.cdf((d - za * se0) / se1) + stats.norm.cdf((-d - za * se0) / se1))
+    return float(_N.cdf((d - za * se0) / se1) + _N.cdf((-d - za * se0) / se1))
 
 
 def minimum_detectable_lift(p_control: float, n_control: int, n_treatment: int, alpha: float = 0.05,
@@ -228,12 +232,17 @@ def _ratio_stats(num: np.ndarray, den: np.ndarray, z: float) -> dict[str, float]
 
 
 def _welch_p(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2 or len(b) < 2:
+    """Two-sided p-value of Welch's t-test of equal means."""
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
         return float("nan")
-    va, vb = a.var(ddof=1), b.var(ddof=1)
-    if va == 0 and vb == 0:
-        return 1.0 if a.mean() == b.mean() else 0.0
-    return float(stats.ttest_ind(b, a, equal_var=False).pvalue)
+    va, vb = a.var(ddof=1) / na, b.var(ddof=1) / nb
+    d = b.mean() - a.mean()
+    if va + vb == 0:
+        return 1.0 if d == 0 else 0.0
+    t = d / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
+    return float(2 * stats.t.sf(abs(t), df))
 
 
 def _lift(mc: float, sec: float, mt: float, set_: float, z: float) -> dict[str, float]:
@@ -290,15 +299,39 @@ def srm_check(observed: Mapping[str, int], allocation: Mapping[str, float]) -> d
 # ---------------------------------------------------------------------------------------------- analysis
 
 
-def _attribute(ev: pd.DataFrame, exp_times: pd.DataFrame, by: list[str], window_ns: int,
-               extra: list[str]) -> pd.DataFrame:
-    """For each event, the latest exposure (matching ``by``) at or before it, kept when within the window."""
-    left = ev.sort_values("ts_ns", kind="stable")
-    right = exp_times.sort_values("exp_ns", kind="stable")
-    m = pd.merge_asof(left, right[[*by, "exp_ns", *extra]], left_on="ts_ns", right_on="exp_ns", by=by,
-                      direction="backward")
-    ok = m["exp_ns"].notna() & ((m["ts_ns"] - m["exp_ns"]) <= window_ns)
-    return m[ok]
+def _group_codes(left: Sequence[np.ndarray], right: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Dense integer codes of the key tuples of two tables (equal tuples, equal codes)."""
+    nl = len(left[0])
+    g = np.zeros(nl + len(right[0]), dtype=np.int64)
+    for a, b in zip(left, right, strict=True):
+        codes, uniq = pd.factorize(np.concatenate([np.asarray(a, dtype=object), np.asarray(b, dtype=object)]))
+        g = g * (len(uniq) + 1) + codes
+        g = pd.factorize(g)[0].astype(np.int64)
+    return g[:nl], g[nl:]
+
+
+def _attribute(ev_keys: Sequence[np.ndarray], ev_t: np.ndarray, ex_keys: Sequence[np.ndarray], ex_t: np.ndarray,
+               window_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """Match each event to the latest exposure with equal keys at or before it, within the window.
+
+    Returns:
+        (event rows, exposure rows) of the matched pairs.
+    """
+    if len(ev_t) == 0 or len(ex_t) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ge, gx = _group_codes(ev_keys, ex_keys)
+    times, rank = np.unique(np.concatenate([ev_t, ex_t]), return_inverse=True)
+    R = np.int64(len(times))
+    ce = ge * R + rank[: len(ev_t)]
+    cx = gx * R + rank[len(ev_t):]
+    order = np.argsort(cx, kind="stable")
+    cxs = cx[order]
+    pos = np.searchsorted(cxs, ce, side="right") - 1
+    ok = pos >= 0
+    pos = np.maximum(pos, 0)
+    xi = order[pos]
+    ok &= (gx[xi] == ge) & (ev_t - ex_t[xi] <= window_ns)
+    return np.flatnonzero(ok), xi[ok]
 
 
 def _resolve_experiment(df: pd.DataFrame, experiment: str | None, ab: ABConfig | None) -> str:
@@ -356,17 +389,30 @@ def analyze(
         raise ValueError("the exposure log is empty")
     experiment = _resolve_experiment(xdf, experiment, ab)
     notes: list[str] = []
-    x = xdf[xdf["experiment"] == experiment].copy()
-    x["exp_ns"] = x["timestamp"].astype("int64")
-    x["user_id"] = x["user_id"].astype(str)
+    sel = (xdf["experiment"] == experiment).to_numpy()
+    x_user = xdf["user_id"].to_numpy(object)[sel].astype(str)
+    x_var = xdf["variant"].to_numpy(object)[sel].astype(str)
+    x_req = xdf["request_id"].to_numpy(object)[sel]
+    x_pos = xdf["position"].to_numpy(np.int64)[sel]
+    x_prod = xdf["product_id"].to_numpy(object)[sel]
+    x_ts = xdf["timestamp"].to_numpy("datetime64[ns]")[sel]
+    if np.isnat(x_ts).any():
+        raise ValueError(f"the exposure log has {int(np.isnat(x_ts).sum())} rows without a valid timestamp")
+    x_t = x_ts.astype(np.int64)
 
     # users seen in more than one variant are excluded
-    nv = x.groupby("user_id")["variant"].nunique()
-    multi = nv.index[nv > 1]
+    ucodes, uniq_users = pd.factorize(x_user)
+    vcodes, uniq_vars = pd.factorize(x_var)
+    pairs = np.unique(ucodes.astype(np.int64) * len(uniq_vars) + vcodes)
+    n_var_of_user = np.bincount(pairs // len(uniq_vars), minlength=len(uniq_users))
+    multi = np.asarray(uniq_users)[n_var_of_user > 1]
     if len(multi):
         notes.append(f"{len(multi)} users were exposed in more than one variant and are excluded")
-        x = x[~x["user_id"].isin(multi)]
-    user_variant = x.groupby("user_id")["variant"].first()
+        keep_x = n_var_of_user[ucodes] == 1
+        x_user, x_var, x_req, x_pos, x_prod, x_t = (a[keep_x] for a in (x_user, x_var, x_req, x_pos, x_prod, x_t))
+        ucodes, vcodes = ucodes[keep_x], vcodes[keep_x]
+    first = np.unique(ucodes, return_index=True)[1]
+    user_variant = pd.Series(x_var[first], index=pd.Index(x_user[first], name="user_id"))
 
     # allocation and control
     cfg_alloc: dict[str, float] | None = None
@@ -374,7 +420,7 @@ def analyze(
         cfg_alloc = {str(k): float(v) for k, v in allocation.items()}
     elif ab is not None and ab.experiment == experiment and ab.variants:
         cfg_alloc = {v.name: float(v.weight) for v in ab.variants}
-    observed_names = sorted(user_variant.unique().tolist())
+    observed_names = sorted(set(user_variant.tolist()))
     if cfg_alloc is None:
         cfg_alloc = {n: 1.0 for n in observed_names}
         notes.append("no configured allocation given: the SRM check assumes equal weights over the logged variants")
@@ -386,104 +432,119 @@ def analyze(
     if control not in order:
         raise ValueError(f"control variant {control!r} has no exposures (variants: {order})")
 
-    # impressions (one per response and position); responses without items keep their users
-    imp = x[x["position"] > 0].drop_duplicates(["request_id", "position"])
-    responses = x.drop_duplicates("request_id")
+    # responses (one per request id) and impressions (one per response and position); responses
+    # without items keep their users
+    rcodes, _ = pd.factorize(x_req)
+    r_first = np.unique(rcodes, return_index=True)[1]
+    is_item = x_pos > 0
+    ikey = rcodes.astype(np.int64) * (int(x_pos.max(initial=0)) + 1) + x_pos
+    i_first = np.unique(np.where(is_item, ikey, -1), return_index=True)[1]
+    i_first = i_first[is_item[i_first]]
 
     # events: attribute to the latest exposure within the window
     ev = read_events(events)
     n_events = len(ev)
-    ev = ev[ev["user_id"].isin(user_variant.index)]
-    ev = ev.assign(revenue=(ev["price"].fillna(0.0) * ev["quantity"]).astype(float))
-    any_attr = _attribute(ev, responses[["user_id", "exp_ns"]], ["user_id"], window_ns, [])
-    item_times = imp[["user_id", "product_id", "exp_ns", "request_id", "position"]]
-    shown_attr = _attribute(ev, item_times, ["user_id", "product_id"], window_ns, ["request_id", "position"])
-
     users = user_variant.index
-    u = pd.DataFrame(index=users)
-    u["variant"] = user_variant
-    buy_any = any_attr[any_attr["event_type"] == "purchase"]
-    buy_shown = shown_attr[shown_attr["event_type"] == "purchase"]
-    u["conversion_any"] = users.isin(buy_any["user_id"]).astype(float)
-    u["conversion_shown"] = users.isin(buy_shown["user_id"]).astype(float)
-    u["revenue_per_user"] = buy_any.groupby("user_id")["revenue"].sum().reindex(users).fillna(0.0)
-    u["revenue_shown_per_user"] = buy_shown.groupby("user_id")["revenue"].sum().reindex(users).fillna(0.0)
+    U = len(users)
+    ev_u = users.get_indexer(ev["user_id"])
+    keep = ev_u >= 0
+    ev_u = ev_u[keep]
+    ev_p = ev["product_id"].to_numpy(object)[keep]
+    ev_t = ev["ts_ns"].to_numpy(np.int64)[keep]
+    ev_type = ev["event_type"].to_numpy(object)[keep]
+    ev_rev = (ev["price"].fillna(0.0) * ev["quantity"]).to_numpy(float)[keep]
+    x_u = users.get_indexer(x_user)
+    resp_u, resp_var = x_u[r_first], x_var[r_first]
+    imp_u, imp_pos = x_u[i_first], x_pos[i_first]
+    a_ev, _ = _attribute([ev_u], ev_t, [resp_u], x_t[r_first], window_ns)
+    s_ev, s_imp = _attribute([ev_u, ev_p], ev_t, [imp_u, x_prod[i_first]], x_t[i_first], window_ns)
 
+    # per-user arrays (users in the order of ``users``)
+    ucode_var = pd.Index(order).get_indexer(user_variant.to_numpy())
+    a_buy = a_ev[ev_type[a_ev] == "purchase"]
+    s_is_buy = ev_type[s_ev] == "purchase"
+    s_buy = s_ev[s_is_buy]
+    per_user = {
+        "conversion_any": (np.bincount(ev_u[a_buy], minlength=U) > 0).astype(float),
+        "conversion_shown": (np.bincount(ev_u[s_buy], minlength=U) > 0).astype(float),
+        "revenue_per_user": np.bincount(ev_u[a_buy], weights=ev_rev[a_buy], minlength=U),
+        "revenue_shown_per_user": np.bincount(ev_u[s_buy], weights=ev_rev[s_buy], minlength=U),
+    }
     # impressions with click / purchase flags
-    key = ["request_id", "position"]
-    clicked = shown_attr[shown_attr["event_type"] == "view"][key].drop_duplicates().assign(clicked=1.0)
-    bought = buy_shown[key].drop_duplicates().assign(bought=1.0)
-    imp = imp[["user_id", "variant", *key]].merge(clicked, on=key, how="left").merge(bought, on=key, how="left")
-    imp[["clicked", "bought"]] = imp[["clicked", "bought"]].fillna(0.0)
-    per_user_imp = imp.groupby("user_id")[["clicked", "bought"]].agg(["sum", "count"])
-    u["impressions"] = per_user_imp[("clicked", "count")].reindex(users).fillna(0.0) if len(imp) else 0.0
-    u["clicks"] = per_user_imp[("clicked", "sum")].reindex(users).fillna(0.0) if len(imp) else 0.0
-    u["purchases_shown"] = per_user_imp[("bought", "sum")].reindex(users).fillna(0.0) if len(imp) else 0.0
+    clicked = np.zeros(len(i_first))
+    clicked[s_imp[ev_type[s_ev] == "view"]] = 1.0
+    bought = np.zeros(len(i_first))
+    bought[s_imp[s_is_buy]] = 1.0
+    per_user["impressions"] = np.bincount(imp_u, minlength=U).astype(float)
+    per_user["clicks"] = np.bincount(imp_u, weights=clicked, minlength=U)
+    per_user["purchases_shown"] = np.bincount(imp_u, weights=bought, minlength=U)
 
     rng = np.random.default_rng(seed)
     variants: dict[str, Any] = {}
     boot: dict[str, dict[str, np.ndarray]] = {}
-    max_pos = int(min(max_positions, imp["position"].max() if len(imp) else 0))
-    for name in order:
-        uv = u[u["variant"] == name]
-        vimp = imp[imp["variant"] == name]
+    max_pos = int(min(max_positions, imp_pos.max(initial=0)))
+    uvals: dict[str, dict[str, np.ndarray]] = {}
+    for vi, name in enumerate(order):
+        in_v = ucode_var == vi
+        uv = {k: v[in_v] for k, v in per_user.items()}
+        uvals[name] = uv
         met: dict[str, Any] = {}
         boot[name] = {}
         for m in USER_METRICS:
-            vals = uv[m].to_numpy(float)
+            vals = uv[m]
             met[m] = _mean_stats(vals, z)
             if n_boot > 0 and len(vals) > 1:
                 b = _boot_means(vals, n_boot, rng)
                 boot[name][m] = b
                 met[m]["boot_ci_low"], met[m]["boot_ci_high"] = (float(q) for q in
                                                                  np.nanquantile(b, [alpha / 2, 1 - alpha / 2]))
-        den = uv["impressions"].to_numpy(float)
+        den = uv["impressions"]
         for m, col in (("ctr", "clicks"), ("ptr", "purchases_shown")):
-            num = uv[col].to_numpy(float)
-            met[m] = _ratio_stats(num, den, z)
-            if n_boot > 0 and len(num) > 1:
-                b = _boot_ratios(num, den, n_boot, rng)
+            num = uv[col]
+            met[m] = _ratio_stats(num[den > 0], den[den > 0], z)
+            if n_boot > 0 and (den > 0).sum() > 1:
+                b = _boot_ratios(num[den > 0], den[den > 0], n_boot, rng)
                 boot[name][m] = b
                 met[m]["boot_ci_low"], met[m]["boot_ci_high"] = (float(q) for q in
                                                                  np.nanquantile(b, [alpha / 2, 1 - alpha / 2]))
         positions = []
-        if len(vimp):
-            g = vimp.groupby(["user_id", "position"])[["clicked", "bought"]].agg(["sum", "count"])
-            for pos in range(1, max_pos + 1):
-                gp = g.xs(pos, level="position") if pos in g.index.get_level_values("position") else None
-                if gp is None:
-                    continue
-                dn = gp[("clicked", "count")].to_numpy(float)
-                c = _ratio_stats(gp[("clicked", "sum")].to_numpy(float), dn, z)
-                p = _ratio_stats(gp[("bought", "sum")].to_numpy(float), dn, z)
-                positions.append({"position": pos, "impressions": int(dn.sum()),
-                                  "ctr": c["mean"], "ctr_ci_low": c["ci_low"], "ctr_ci_high": c["ci_high"],
-                                  "ptr": p["mean"], "ptr_ci_low": p["ci_low"], "ptr_ci_high": p["ci_high"]})
+        imp_in_v = in_v[imp_u]
+        for pos in range(1, max_pos + 1):
+            sel = imp_in_v & (imp_pos == pos)
+            if not sel.any():
+                continue
+            dn = np.bincount(imp_u[sel], minlength=U).astype(float)
+            has = dn > 0
+            c = _ratio_stats(np.bincount(imp_u[sel], weights=clicked[sel], minlength=U)[has], dn[has], z)
+            p = _ratio_stats(np.bincount(imp_u[sel], weights=bought[sel], minlength=U)[has], dn[has], z)
+            positions.append({"position": pos, "impressions": int(dn.sum()),
+                              "ctr": c["mean"], "ctr_ci_low": c["ci_low"], "ctr_ci_high": c["ci_high"],
+                              "ptr": p["mean"], "ptr_ci_low": p["ci_low"], "ptr_ci_high": p["ci_high"]})
         variants[name] = {
-            "users": int(len(uv)),
-            "responses": int((responses["variant"] == name).sum()),
-            "impressions": int(len(vimp)),
+            "users": int(in_v.sum()),
+            "responses": int((resp_var == name).sum()),
+            "impressions": int(imp_in_v.sum()),
             "allocation": cfg_alloc.get(name, 0.0),
             "metrics": met,
             "positions": positions,
         }
 
     comparisons: dict[str, Any] = {}
-    uc = u[u["variant"] == control]
+    uc = uvals[control]
     for name in order:
         if name == control:
             continue
-        ut = u[u["variant"] == name]
+        ut = uvals[name]
         comp: dict[str, Any] = {}
         for m in (*USER_METRICS, *RATIO_METRICS):
             c, t = variants[control]["metrics"][m], variants[name]["metrics"][m]
             diff = t["mean"] - c["mean"]
             se = math.sqrt(c["se"] ** 2 + t["se"] ** 2) if np.isfinite(c["se"]) and np.isfinite(t["se"]) else float("nan")
             if m in USER_METRICS:
-                p = _welch_p(uc[m].to_numpy(float), ut[m].to_numpy(float))
+                p = _welch_p(uc[m], ut[m])
                 test = "welch_t"
             else:
-                p = float(2 * stats.norm.sf(abs(diff) / se)) if se and np.isfinite(se) and se > 0 else float("nan")
+                p = float(2 * (1 - _N.cdf(abs(diff) / se))) if se and np.isfinite(se) and se > 0 else float("nan")
                 test = "delta_z"
             row = {"control": c["mean"], "treatment": t["mean"], "diff": diff, "diff_ci_low": diff - z * se,
                    "diff_ci_high": diff + z * se, "p_value": p, "test": test,
@@ -499,7 +560,8 @@ def analyze(
                     row["lift_boot_ci_low"], row["lift_boot_ci_high"] = float(lo), float(hi)
             comp[m] = row
         pc = variants[control]["metrics"]["conversion_shown"]["mean"]
-        comp["mde_relative_conversion_shown"] = minimum_detectable_lift(pc, len(uc), len(ut), alpha)
+        comp["mde_relative_conversion_shown"] = minimum_detectable_lift(pc, variants[control]["users"],
+                                                                        variants[name]["users"], alpha)
         comparisons[name] = comp
 
     srm = srm_check({n: variants[n]["users"] for n in order}, cfg_alloc)
@@ -513,12 +575,12 @@ def analyze(
         "window_days": window_days,
         "alpha": alpha,
         "n_boot": n_boot,
-        "exposures": {"responses": int(len(responses)), "impressions": int(len(imp)), "users": int(len(users)),
+        "exposures": {"responses": int(len(r_first)), "impressions": int(len(i_first)), "users": int(U),
                       "users_in_multiple_variants": int(len(multi)), "files": xdf.attrs.get("files"),
                       "bad_lines": xdf.attrs.get("bad_lines")},
-        "events": {"rows": int(n_events), "of_exposed_users": int(len(ev)),
-                   "attributed": int(len(any_attr)), "attributed_purchases": int(len(buy_any)),
-                   "on_shown_items": int(len(shown_attr)), "purchases_of_shown_items": int(len(buy_shown))},
+        "events": {"rows": int(n_events), "of_exposed_users": int(len(ev_u)),
+                   "attributed": int(len(a_ev)), "attributed_purchases": int(len(a_buy)),
+                   "on_shown_items": int(len(s_ev)), "purchases_of_shown_items": int(len(s_buy))},
         "srm": srm,
         "variants": variants,
         "comparisons": comparisons,

@@ -70,6 +70,10 @@ class Assigner:
         if not self.experiment:
             raise ConfigError("ab.experiment: empty experiment name")
         validate_variants(self.variants)
+        w = np.array([float(v.weight) for v in self.variants])
+        edges = np.cumsum(w / w.sum())
+        edges[-1] = 1.0
+        object.__setattr__(self, "_edges", edges)  # upper bounds of the variants' intervals
 
     @classmethod
     def from_config(cls, ab: ABConfig) -> Assigner:
@@ -84,13 +88,6 @@ class Assigner:
         """Normalised weights per variant name (sum 1)."""
         w = np.array([float(v.weight) for v in self.variants])
         return {v.name: float(x) for v, x in zip(self.variants, w / w.sum(), strict=True)}
-
-    @property
-    def _edges(self) -> np.ndarray:
-        w = np.array([float(v.weight) for v in self.variants])
-        e = np.cumsum(w / w.sum())
-        e[-1] = 1.0
-        return e
 
     def bucket(self, user_id: str) -> float:
         return bucket(str(user_id), self.experiment, self.salt)

@@ -24,6 +24,8 @@ Files: ``DIR/exposures-00000.jsonl``, ``exposures-00001.jsonl``, ... A writer
   second writer on the same directory fails at once (with several server processes, give each
   its own sub-directory, e.g. ``DIR/worker-<pid>``; the readers read folders recursively).
 * Thread-safe: ``log`` may be called from any thread; the lines of one thread keep their order.
+* At-least-once on write errors: lines whose write failed stay buffered and are written again by the
+  next flush (a line may then appear twice; readers and the analysis de-duplicate by ``request_id``).
 
 Readers: :func:`read_exposures` (one row per shown item, a pandas DataFrame) and
 :func:`iter_records` (the raw records). :class:`VariantRouter` ties assignment, the per-variant
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 import pandas as pd
 
 from recsys.ab.assignment import Assigner
@@ -81,7 +84,7 @@ def _file_number(p: Path) -> int | None:
 
 def _item(x: Any, position: int) -> dict[str, Any]:
     """A shown item as ``{"product_id", "seller_id", "position"}`` from a dict or an object with those attributes."""
-    if isinstance(x, Mapping):
+    if isinstance(x, dict) or isinstance(x, Mapping):
         pid, sid = x.get("product_id"), x.get("seller_id")
         pos = x.get("position") or position
     elif isinstance(x, str):
@@ -268,7 +271,16 @@ class ExposureLogWriter:
             with self._buf_lock:
                 lines, self._buf = self._buf, []
             if lines:
-                self._write(lines)
+                try:
+                    self._write(lines)
+                except BaseException:
+                    # keep the lines for the next attempt (a partly written line becomes one bad line
+                    # that readers skip; the record itself is written again in full)
+                    with self._buf_lock:
+                        self._buf[:0] = lines
+                    if self._file is not None and self._size > 0:
+                        self._file.write(b"\n")  # end any partial line so the retry starts clean
+                    raise
 
     def _open_next(self) -> None:
         while True:
@@ -395,32 +407,48 @@ def read_exposures(paths: str | Path | Iterable[str | Path], experiment: str | N
         paths: a log directory, a file, or a list of them.
         experiment: keep only this experiment's records.
     """
-    cols: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+    head: dict[str, list[Any]] = {c: [] for c in ("request_id", "user_id", "experiment", "variant", "timestamp",
+                                                  "bundle_version", "ranker_version")}
+    n_items: list[int] = []
+    pos: list[int] = []
+    pid: list[Any] = []
+    sid: list[Any] = []
     stats: dict[str, int] = {}
     files = exposure_files(paths)
+    empty = ({"product_id": None, "seller_id": None, "position": 0},)
     for rec in iter_records(files, stats):
         exp = rec.get("experiment", "")
         if experiment is not None and exp != experiment:
             continue
         bv = rec.get("bundle_version")
-        if isinstance(bv, dict):
-            bv = json.dumps(bv, sort_keys=True)
-        head = (rec.get("request_id"), str(rec["user_id"]), exp, rec.get("variant", ""), rec.get("timestamp"))
-        items = rec.get("items") or [{"product_id": None, "seller_id": None, "position": 0}]
+        head["request_id"].append(rec.get("request_id"))
+        head["user_id"].append(str(rec["user_id"]))
+        head["experiment"].append(exp)
+        head["variant"].append(rec.get("variant", ""))
+        head["timestamp"].append(rec.get("timestamp"))
+        head["bundle_version"].append(json.dumps(bv, sort_keys=True) if isinstance(bv, dict) else bv)
+        head["ranker_version"].append(rec.get("ranker_version"))
+        items = rec.get("items") or empty
+        n_items.append(len(items))
         for it in items:
-            for c, v in zip(COLUMNS[:5], head, strict=True):
-                cols[c].append(v)
-            cols["position"].append(int(it.get("position") or 0))
-            cols["product_id"].append(it.get("product_id"))
-            cols["seller_id"].append(it.get("seller_id"))
-            cols["bundle_version"].append(bv)
-            cols["ranker_version"].append(rec.get("ranker_version"))
-    df = pd.DataFrame(cols)
-    df["timestamp"] = pd.to_datetime(pd.to_numeric(df["timestamp"], errors="coerce"), unit="s", utc=True)
-    df["position"] = df["position"].astype("int64")
-    for c in ("request_id", "user_id", "experiment", "variant", "product_id", "seller_id", "bundle_version",
-              "ranker_version"):
-        df[c] = df[c].astype(object)
+            pos.append(int(it.get("position") or 0))
+            pid.append(it.get("product_id"))
+            sid.append(it.get("seller_id"))
+    rep = np.asarray(n_items, dtype=np.int64)
+    data: dict[str, Any] = {}
+    for c in COLUMNS:
+        if c == "position":
+            data[c] = np.asarray(pos, dtype=np.int64)
+        elif c == "product_id":
+            data[c] = np.asarray(pid, dtype=object)
+        elif c == "seller_id":
+            data[c] = np.asarray(sid, dtype=object)
+        elif c == "timestamp":
+            ts = pd.to_numeric(pd.Series(head[c], dtype=object), errors="coerce").to_numpy(np.float64)
+            data[c] = pd.to_datetime(np.repeat(ts, rep), unit="s", utc=True)
+        else:
+            data[c] = np.repeat(np.asarray(head[c], dtype=object), rep)
+    df = pd.DataFrame(data, columns=list(COLUMNS))
     df.attrs["files"] = len(files)
     df.attrs["bad_lines"] = stats.get("bad_lines", 0)
     return df
@@ -493,6 +521,7 @@ class VariantRouter(Generic[H]):
             raise ConfigError(f"VariantRouter: default handler {default!r} not in {sorted(self.handlers)}")
         self.default = default
         self.experiment = ab.experiment if self.active else ""
+        self.log_errors = 0
 
     @classmethod
     def from_config(cls, ab: ABConfig, handlers: Mapping[str, H], log_dir: str | Path = "",
@@ -511,11 +540,20 @@ class VariantRouter(Generic[H]):
     def record(self, route: Route[H], user_id: str, items: Sequence[Any], request_id: str | None = None,
                bundle_version: str | Mapping[str, str] | None = None, ranker_version: str | None = None,
                timestamp: float | None = None) -> dict[str, Any] | None:
-        """Log what ``user_id`` was shown (no-op without a log). Returns the record."""
+        """Log what ``user_id`` was shown (no-op without a log). Returns the record, or None.
+
+        Never raises: a failing log (disk full, closed writer, an item without ``product_id``) is
+        logged, counted in ``log_errors`` and the request goes on (the response matters more than
+        its exposure record; alert on ``log_errors``)."""
         if self.log is None:
             return None
-        return self.log.log_exposure(request_id, user_id, route.experiment, route.variant, items,
-                                     bundle_version, ranker_version, timestamp)
+        try:
+            return self.log.log_exposure(request_id, user_id, route.experiment, route.variant, items,
+                                         bundle_version, ranker_version, timestamp)
+        except Exception:  # noqa: BLE001 - see the docstring
+            self.log_errors += 1
+            log.exception("exposure log: could not record request %s", request_id)
+            return None
 
     def handle(self, user_id: str, fn: Callable[[H], Any], request_id: str | None = None,
                items_of: Callable[[Any], Sequence[Any]] = _default_items, **versions: Any) -> tuple[Route[H], Any]:
