@@ -22,6 +22,11 @@ HINTS = {
     "JavaNotFoundError": "Spark needs Java 17; set JAVA_HOME",
     "ArtifactError": "rerun the stage that writes this artifact (recsys fit reruns what is missing)",
     "FileNotFoundError": "check the path",
+    "BundleError": "rebuild the bundle with `recsys bundle --run RUN_DIR`",
+    "RecallFloorError": "choose a more exact index (retrieval.index_factory) or lower retrieval.recall_floor",
+    "MetricMismatchError": "indexes must use inner product, the model's score",
+    "ExportError": "retrain or re-export from the same prepared artifact",
+    "RetrievalClientError": "is the retrieval server running at that URL?",
 }
 
 
@@ -39,6 +44,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cfg(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
+
+
+def _run_cfg(args: argparse.Namespace) -> Config:
+    """The config a run was fitted with (RUN_DIR/config.json), unless --config is given; then --set."""
+    from recsys.config import from_dict, merge, parse_override
+
+    run_cfg = Path(getattr(args, "run", "") or "") / "config.json"
+    if args.config or not run_cfg.exists():
+        return _cfg(args)
+    cfg = from_dict(json.loads(run_cfg.read_text()), str(run_cfg))
+    for o in args.overrides:
+        cfg = merge(cfg, parse_override(o), f"--set {o}")
+    return cfg
 
 
 def _print(obj: Any) -> None:
@@ -96,6 +114,50 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from recsys import quickstart
 
     return quickstart.run(args.out, config=args.config, overrides=args.overrides, serve=not args.no_serve)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from retrieval import export
+
+    _print(export.run(_run_cfg(args), args.run, args.prepared))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from retrieval import faiss_index
+
+    _print(faiss_index.run(_run_cfg(args), args.run))
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    if args.swap_url:
+        from retrieval.client import swap_bundle
+
+        if not args.bundle:
+            raise ValueError("--swap-url needs --bundle DIR (the bundle to load)")
+        _print(swap_bundle(args.swap_url, args.bundle))
+        return 0
+    from retrieval import bundle
+
+    if not args.run:
+        raise ValueError("recsys bundle needs --run RUN_DIR (or --swap-url URL --bundle DIR)")
+    _print(bundle.run(_run_cfg(args), args.run))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from retrieval.service import serve
+
+    serve(_run_cfg(args), run_dir=args.run, bundle=args.bundle, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from retrieval import recommend
+
+    _print(recommend.run(_run_cfg(args), args.run, args.users, args.k, args.out, what=args.what))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -169,6 +231,42 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baselines", help="comma-separated baselines to add (popularity,als); default from config")
     _add_config_args(e)
     e.set_defaults(fn=cmd_evaluate)
+
+    ex = sub.add_parser("export", help="embeddings of all products, sellers and known users (Parquet + float32)")
+    ex.add_argument("--run", required=True, help="run directory with a trained model")
+    ex.add_argument("--prepared", help="prepared artifact (default: the one the model was trained on)")
+    _add_config_args(ex)
+    ex.set_defaults(fn=cmd_export)
+
+    ix = sub.add_parser("index", help="FAISS product and seller indexes, recall checked against exact search")
+    ix.add_argument("--run", required=True, help="run directory with an export")
+    _add_config_args(ix)
+    ix.set_defaults(fn=cmd_index)
+
+    bu = sub.add_parser("bundle", help="build a versioned serving bundle (export + index + vocab + user tower), "
+                        "or swap a running server to another bundle")
+    bu.add_argument("--run", help="run directory to bundle (exports and indexes when missing or stale)")
+    bu.add_argument("--swap-url", help="base URL of a running retrieval server to swap")
+    bu.add_argument("--bundle", help="bundle directory to swap in (with --swap-url)")
+    _add_config_args(bu)
+    bu.set_defaults(fn=cmd_bundle)
+
+    sv = sub.add_parser("serve", help="start the retrieval HTTP API (OpenAPI at /docs)")
+    sv.add_argument("--run", help="run directory (serves its CURRENT bundle, built if missing)")
+    sv.add_argument("--bundle", help="a bundle directory to serve instead")
+    sv.add_argument("--host", help="bind address (default serve.host)")
+    sv.add_argument("--port", type=int, help="port (default serve.port)")
+    _add_config_args(sv)
+    sv.set_defaults(fn=cmd_serve)
+
+    rc = sub.add_parser("recommend", help="top-K products (or sellers) for a list of users, to Parquet")
+    rc.add_argument("--run", required=True, help="run directory")
+    rc.add_argument("--users", required=True, help="one user id per line, or a CSV/Parquet file with a user_id column")
+    rc.add_argument("--k", type=int, default=100, help="list length")
+    rc.add_argument("--out", required=True, help="output Parquet file")
+    rc.add_argument("--what", default="products", choices=["products", "sellers"])
+    _add_config_args(rc)
+    rc.set_defaults(fn=cmd_recommend)
 
     f = sub.add_parser("fit", help="run every offline stage: prepare, train, evaluate, refit, export, index, ranker")
     f.add_argument("--data", help="raw data directory (raw contract, Olist, LightGCN or MovieLens layout); "

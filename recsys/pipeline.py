@@ -103,6 +103,27 @@ def _refit(ctx: FitContext) -> dict[str, Any]:
     return train.refit(ctx.cfg, ctx.prepared, ctx.run_dir, include_test=method != "predefined", progress=ctx.progress)
 
 
+def _export(ctx: FitContext) -> dict[str, Any]:
+    from retrieval import export
+
+    m = export.run(ctx.cfg, ctx.run_dir, ctx.prepared)
+    return {k: m.get(k) for k in ("counts", "dim", "model_version")}
+
+
+def _index(ctx: FitContext) -> dict[str, Any]:
+    from retrieval import faiss_index
+
+    m = faiss_index.run(ctx.cfg, ctx.run_dir)
+    return {k: v for k, v in m.items() if k in ("products", "sellers", "model_version")}
+
+
+def _bundle(ctx: FitContext) -> dict[str, Any]:
+    from retrieval import bundle
+
+    m = bundle.build(ctx.cfg, ctx.run_dir)
+    return {k: m.get(k) for k in ("version", "path")}
+
+
 def stages(cfg: Config) -> list[Stage]:
     """The ordered offline stages for this configuration."""
     out = [
@@ -114,6 +135,11 @@ def stages(cfg: Config) -> list[Stage]:
     # After the refit: with a source-given test split the refit never saw test, so it is the model
     # evaluated (as benchmarks do); otherwise the model trained on the train split is.
     out.append(Stage("evaluate", "eval", ("data", "model", "train", "eval"), _evaluate))
+    out += [
+        Stage("export", "export", ("data", "model", "train", "retrieval"), _export),
+        Stage("index", "index", ("data", "model", "train", "retrieval"), _index),
+        Stage("bundle", "bundles", ("data", "model", "train", "retrieval"), _bundle),
+    ]
     return out
 
 
@@ -185,7 +211,8 @@ def fit(cfg: Config, run_dir: str | Path, data: str | None = None, from_stage: s
         key = fingerprint({"sections": sections, "upstream": upstream, "source": source})
         forced = forced or st.name == from_stage
         done = state.get(st.name, {})
-        if not forced and done.get("key") == key and (run_dir / st.artifact / MANIFEST).exists():
+        art = run_dir / st.artifact
+        if not forced and done.get("key") == key and ((art / MANIFEST).exists() or (art / "CURRENT").exists()):
             say(f"{st.name}: up to date ({run_dir / st.artifact})")
             results[st.name] = {"skipped": True, **done.get("summary", {})}
         else:
