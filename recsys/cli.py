@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if not args.verbose:
+        for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "mlflow", "alembic", "py4j"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
         import warnings
 

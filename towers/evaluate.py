@@ -95,6 +95,15 @@ def score_lists(
     return res
 
 
+def evaluated_model_dir(run_dir: Path, split: str) -> Path:
+    """The model to evaluate on ``split``: the full-data refit when it never saw that split, else
+    the model selected on validation (trained on the train split only)."""
+    full = run_dir / "model_full" / "model.json"
+    if full.exists() and split not in json.loads(full.read_text()).get("train_splits", []):
+        return full.parent
+    return run_dir / "model"
+
+
 def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None, split: str = "test",
         baselines: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Evaluate the trained towers (and baselines) on ``split`` by ranking every product and seller.
@@ -103,7 +112,8 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None, sp
         The report dict, also written to ``RUN_DIR/eval/report.json`` and ``report.md``.
     """
     run_dir = Path(run_dir)
-    model, desc = load_towers(run_dir / "model")
+    model_dir = evaluated_model_dir(run_dir, split)
+    model, desc = load_towers(model_dir)
     prepared = Path(prepared or desc["prepared"])
     shape = model.shape
     t0 = time.time()
@@ -142,7 +152,8 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None, sp
                                          scount, shape.n_sellers, slices, cold_sellers)
         return out
 
-    report: dict[str, Any] = {"split": split, "targets": target_note, "users": len(q), "models": {}}
+    report: dict[str, Any] = {"split": split, "targets": target_note, "users": len(q), "models": {},
+                              "model_dir": model_dir.name, "model_train_splits": desc.get("train_splits", ["train"])}
     with torch.no_grad():
         uvec = user_vectors(model, q)
         pvec = all_vectors(model.product_vectors, shape.n_products)

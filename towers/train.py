@@ -135,8 +135,12 @@ def run(
     mlf._experiment_id = exp_id
     existing = ckpt_dir / "mlflow_run_id.txt"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    cfg_fp = fingerprint(to_dict(cfg))
     if resume and existing.exists():
-        mlf._run_id = existing.read_text().strip()
+        # Resume into the same MLflow run only with the same config: MLflow refuses changed params.
+        stored = existing.read_text().split()
+        if len(stored) == 2 and stored[1] == cfg_fp:
+            mlf._run_id = stored[0]
     loggers = [mlf, CSVLogger(str(run_dir), name="logs", version="towers")]
     precision = cfg.train.precision
     if cfg.train.accelerator == "gpu" and precision == "32-true":
@@ -161,7 +165,7 @@ def run(
     ckpt_path = ckpt_dir / "last.ckpt"
     t0 = time.time()
     mlf.log_hyperparams(tracking.flatten(to_dict(cfg)))
-    existing.write_text(mlf.run_id)
+    existing.write_text(f"{mlf.run_id} {cfg_fp}")
     trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if (resume and ckpt_path.exists()) else None)
     train_seconds = time.time() - t0
 
