@@ -1,0 +1,167 @@
+"""Train / val / test assignment of events (``DataConfig.split``).
+
+Every accepted event gets a ``split`` column (``train``, ``val`` or ``test``); examples are the
+positive events of each split, histories and features read the train (or train+val) events.
+Validation is always carved from what would otherwise be training data, never from test.
+
+- ``temporal``: global cutoffs at time quantiles of the positive events: the last ``test_fraction``
+  of them (by time) is test, the ``val_fraction`` before it val. Every event (positive or not)
+  follows its timestamp.
+- ``leave_last_out``: per user, by (ts, row hash): the last positive is test and the
+  second-to-last val, for users with at least 3 positives (others: all train). A user's
+  non-positive events after the val/test target follow it into val/test.
+- ``predefined``: events carry ``split`` = train|test; val is a seeded random ``val_fraction`` of
+  each user's train positives (stochastic rounding per user, at least one positive stays train).
+- ``random``: per user seeded random test and val positives (same rounding; one stays train).
+  Non-positive events stay train.
+- ``auto``: predefined when a split column exists, else temporal with timestamps, else random.
+
+All randomness is a hash of (seed, row content), so reruns give the same assignment.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from recsys.config import DataConfig
+
+METHODS = ("auto", "temporal", "leave_last_out", "predefined", "random")
+_SCALE = 1 << 30
+
+
+def resolve_method(requested: str, has_split_column: bool, has_ts: bool) -> str:
+    """The concrete split method; raises ValueError when the data cannot support ``requested``."""
+    if requested not in METHODS:
+        raise ValueError(f"data.split: unknown method '{requested}' (valid: {', '.join(METHODS)})")
+    if requested == "auto":
+        return "predefined" if has_split_column else ("temporal" if has_ts else "random")
+    if requested in ("temporal", "leave_last_out") and not has_ts:
+        raise ValueError(f"data.split={requested} needs event timestamps, and these events have none")
+    if requested == "predefined" and not has_split_column:
+        raise ValueError("data.split=predefined needs a 'split' column (train|test) in the events")
+    return requested
+
+
+def uniform(seed: int, *cols: Column) -> Column:
+    """A deterministic pseudo-random double in [0, 1) from the seed and the given columns."""
+    return F.pmod(F.xxhash64(F.lit(int(seed)), *cols), F.lit(_SCALE)).cast("double") / float(_SCALE)
+
+
+def _n_random(n: Column, fraction: float, u: Column) -> Column:
+    """Stochastic rounding of ``fraction * n``: expected value exactly ``fraction * n``."""
+    return F.floor(F.lit(float(fraction)) * n + u).cast("long")
+
+
+def _is_pos(positive_codes: list[int]) -> Column:
+    return F.col("event").isin(*positive_codes) if positive_codes else F.lit(False)
+
+
+def temporal(ev: DataFrame, cfg: DataConfig, positive_codes: list[int]) -> tuple[DataFrame, dict[str, Any]]:
+    pos = ev.where(_is_pos(positive_codes))
+    qs = [max(0.0, 1.0 - cfg.test_fraction - cfg.val_fraction), max(0.0, 1.0 - cfg.test_fraction)]
+    got = [q for q in (pos.approxQuantile("ts", qs, 1e-4) or []) if q is not None]
+    if len(got) < 2:
+        val_cut = test_cut = None
+        out = ev.withColumn("split", F.lit("train"))
+    else:
+        val_cut, test_cut = int(got[0]), int(got[1])
+        if cfg.test_fraction <= 0:
+            test_cut = None
+        if cfg.val_fraction <= 0:
+            val_cut = None
+        split = F.lit("train")
+        if val_cut is not None:
+            split = F.when(F.col("ts") >= val_cut, F.lit("val")).otherwise(split)
+        if test_cut is not None:
+            split = F.when(F.col("ts") >= test_cut, F.lit("test")).otherwise(split)
+        out = ev.withColumn("split", split)
+
+    def iso(t):
+        return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+    return out, {"val_cutoff": val_cut, "test_cutoff": test_cut, "val_cutoff_iso": iso(val_cut), "test_cutoff_iso": iso(test_cut)}
+
+
+def leave_last_out(ev: DataFrame, positive_codes: list[int]) -> DataFrame:
+    key = F.struct(F.col("ts"), F.col("rid"))
+    pos_key = F.when(_is_pos(positive_codes), key)
+    w_all = Window.partitionBy("user_id")
+    w_ord = Window.partitionBy("user_id", _is_pos(positive_codes)).orderBy(F.desc("ts"), F.desc("rid"))
+    ranked = ev.withColumn("_pr", F.when(_is_pos(positive_codes), F.row_number().over(w_ord)))
+    ranked = ranked.withColumn("_npos", F.count(pos_key).over(w_all))
+    ranked = ranked.withColumn("_test_key", F.max(F.when(F.col("_pr") == 1, key)).over(w_all))
+    ranked = ranked.withColumn("_val_key", F.max(F.when(F.col("_pr") == 2, key)).over(w_all))
+    eligible = F.col("_npos") >= 3
+    split = (
+        F.when(eligible & (key >= F.col("_test_key")), F.lit("test"))
+        .when(eligible & (key >= F.col("_val_key")), F.lit("val"))
+        .otherwise(F.lit("train"))
+    )
+    return ranked.withColumn("split", split).drop("_pr", "_npos", "_test_key", "_val_key")
+
+
+def _carve(
+    ev: DataFrame, cfg: DataConfig, positive_codes: list[int], base: Column, test_fraction: float
+) -> DataFrame:
+    """Per user, random ``test_fraction`` of the candidate positives to test (when > 0) and
+    ``val_fraction`` to val; ``base`` is the split before carving; candidates = positives with base train."""
+    cand = _is_pos(positive_codes) & (base == "train")
+    w_user = Window.partitionBy("user_id")
+    w_ord = Window.partitionBy("user_id", cand).orderBy(uniform(cfg.seed, F.col("rid")), F.col("rid"))
+    x = ev.withColumn("_base", base).withColumn("_cand", cand)
+    x = x.withColumn("_r", F.row_number().over(w_ord))
+    x = x.withColumn("_n", F.sum(F.col("_cand").cast("long")).over(w_user))
+    n = F.col("_n")
+    n_test = F.least(_n_random(n, test_fraction, uniform(cfg.seed, F.col("user_id"), F.lit("test"))), n - 1)
+    n_test = F.greatest(n_test, F.lit(0))
+    n_val = F.least(_n_random(n, cfg.val_fraction, uniform(cfg.seed, F.col("user_id"), F.lit("val"))), n - 1 - n_test)
+    n_val = F.greatest(n_val, F.lit(0))
+    split = (
+        F.when(F.col("_cand") & (F.col("_r") <= n_test), F.lit("test"))
+        .when(F.col("_cand") & (F.col("_r") <= n_test + n_val), F.lit("val"))
+        .otherwise(F.col("_base"))
+    )
+    return x.withColumn("split", split).drop("_base", "_cand", "_r", "_n")
+
+
+def assign_splits(
+    ev: DataFrame, cfg: DataConfig, has_ts: bool, positive_codes: list[int]
+) -> tuple[DataFrame, dict[str, Any]]:
+    """Add ``split`` to the events.
+
+    Args:
+        ev: typed events with user_id, event (int code), ts, rid and, for predefined, split.
+        cfg: the data config (split method, fractions, seed).
+        has_ts: whether the events have timestamps.
+        positive_codes: event codes that are training positives.
+
+    Returns:
+        ``(events with split, info)``; ``info`` has method, requested, cutoffs and has_timestamps.
+    """
+    has_split = "split" in ev.columns
+    method = resolve_method(cfg.split, has_split, has_ts)
+    info: dict[str, Any] = {
+        "requested": cfg.split,
+        "method": method,
+        "has_timestamps": has_ts,
+        "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
+        "seed": cfg.seed,
+    }
+    if method == "temporal":
+        out, cut = temporal(ev, cfg, positive_codes)
+        info["cutoffs"] = cut
+    elif method == "leave_last_out":
+        out = leave_last_out(ev, positive_codes)
+    elif method == "predefined":
+        out = _carve(ev, cfg, positive_codes, F.col("split"), 0.0)
+    else:
+        base = ev.drop("split") if has_split else ev
+        out = _carve(base, cfg, positive_codes, F.lit("train"), cfg.test_fraction)
+    if not has_ts:
+        info["note"] = "no timestamps: temporal splits and features (popularity windows, age, hour/dow) are unavailable"
+    return out, info

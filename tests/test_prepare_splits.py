@@ -1,0 +1,102 @@
+"""Split methods on typed events (``data_pipelines.splits``), without the full pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+from pyspark.sql import functions as F
+
+from data_pipelines.splits import assign_splits, resolve_method
+from recsys.config import DataConfig
+
+POS = [0, 1, 2]  # every event type is a positive
+
+
+def _events(spark, with_split: bool = False):
+    rows = []
+    rid = 0
+    for u in range(8):
+        n = 2 + u * 2  # 2..16 events per user
+        for i in range(n):
+            rid += 1
+            split = ("test" if i >= n - 2 else "train") if with_split else None
+            rows.append((f"u{u}", 2 if i % 3 else 0, 1000 * (i + 1) + u, rid * 7919, split))
+    schema = "user_id string, event int, ts long, rid long, split string"
+    df = spark.createDataFrame(rows, schema).withColumn("event", F.col("event").cast("byte"))
+    return df if with_split else df.drop("split")
+
+
+def _run(spark, cfg, with_split=False, has_ts=True, positive=POS):
+    out, info = assign_splits(_events(spark, with_split), cfg, has_ts, positive)
+    return out.toPandas(), info
+
+
+def test_resolve_method():
+    assert resolve_method("auto", True, True) == "predefined"
+    assert resolve_method("auto", False, True) == "temporal"
+    assert resolve_method("auto", False, False) == "random"
+    with pytest.raises(ValueError, match="timestamps"):
+        resolve_method("temporal", False, False)
+    with pytest.raises(ValueError, match="split"):
+        resolve_method("predefined", False, True)
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_method("bogus", False, True)
+
+
+def test_temporal_cutoffs(spark):
+    cfg = DataConfig(split="temporal", val_fraction=0.2, test_fraction=0.2)
+    df, info = _run(spark, cfg)
+    cut = info["cutoffs"]
+    assert info["method"] == "temporal" and info["has_timestamps"]
+    assert cut["val_cutoff"] < cut["test_cutoff"]
+    assert df[df.split == "train"].ts.max() < df[df.split == "val"].ts.min()
+    assert df[df.split == "val"].ts.max() < df[df.split == "test"].ts.min()
+    frac = df.split.value_counts(normalize=True)
+    assert 0.1 < frac["test"] < 0.3 and 0.1 < frac["val"] < 0.3
+
+
+def test_leave_last_out(spark):
+    df, info = _run(spark, DataConfig(split="leave_last_out"), positive=[2])
+    assert info["method"] == "leave_last_out"
+    for _u, g in df.groupby("user_id"):
+        pos = g[g.event == 2].sort_values("ts")
+        if len(pos) < 3:
+            assert (g.split == "train").all()
+            continue
+        assert pos.iloc[-1].split == "test" and pos.iloc[-2].split == "val"
+        assert (pos.iloc[:-2].split == "train").all()
+        # non-positive events follow time: after the val target they are not train
+        val_ts = pos.iloc[-2].ts
+        assert (g[g.ts < val_ts].split == "train").all()
+        assert (g[g.ts > val_ts].split != "train").all()
+
+
+def test_predefined_val_from_train_only(spark):
+    cfg = DataConfig(split="predefined", val_fraction=0.3, seed=5)
+    src = _events(spark, with_split=True).toPandas()
+    df, info = _run(spark, cfg, with_split=True)
+    assert info["method"] == "predefined"
+    m = df.merge(src[["rid", "split"]], on="rid", suffixes=("", "_orig"))
+    assert len(m) == len(src)
+    # test rows are exactly the predefined test rows; val only from train
+    assert (m[m.split_orig == "test"].split == "test").all()
+    assert set(m[m.split_orig == "train"].split) <= {"train", "val"}
+    assert (m.split == "val").sum() > 0
+    for _, g in m[m.split_orig == "train"].groupby("user_id"):
+        assert (g.split == "train").sum() >= 1
+    again, _ = _run(spark, cfg, with_split=True)
+    pd.testing.assert_frame_equal(df.sort_values("rid").reset_index(drop=True), again.sort_values("rid").reset_index(drop=True))
+    other, _ = _run(spark, replace(cfg, seed=6), with_split=True)
+    assert not other.sort_values("rid").split.reset_index(drop=True).equals(df.sort_values("rid").split.reset_index(drop=True))
+
+
+def test_random_split_without_timestamps(spark):
+    cfg = DataConfig(split="auto", val_fraction=0.2, test_fraction=0.2)
+    df, info = _run(spark, cfg, has_ts=False)
+    assert info["method"] == "random" and not info["has_timestamps"] and "note" in info
+    for _, g in df.groupby("user_id"):
+        assert (g.split == "train").sum() >= 1
+    frac = df.split.value_counts(normalize=True)
+    assert 0.1 < frac["test"] < 0.35 and 0.1 < frac["val"] < 0.35
