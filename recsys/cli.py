@@ -160,6 +160,31 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_ranker(args: argparse.Namespace) -> int:
+    from ranking import data
+    from ranking import train as ranker_train
+
+    cfg = _run_cfg(args)
+    if args.rebuild_data or not (Path(args.run) / "ranker_data" / "manifest.json").exists():
+        data.run(cfg, args.run)
+    _print(ranker_train.run(cfg, args.run, progress=args.progress))
+    return 0
+
+
+def cmd_evaluate_ranker(args: argparse.Namespace) -> int:
+    from ranking import evaluate as ranker_evaluate
+
+    print(ranker_evaluate.markdown(ranker_evaluate.run(_run_cfg(args), args.run)))
+    return 0
+
+
+def cmd_serve_ranker(args: argparse.Namespace) -> int:
+    from ranking import service
+
+    service.serve(_run_cfg(args), args.run, args.retrieval_url, args.host, args.port)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from recsys import report
 
@@ -267,6 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--what", default="products", choices=["products", "sellers"])
     _add_config_args(rc)
     rc.set_defaults(fn=cmd_recommend)
+
+    tr = sub.add_parser("train-ranker", help="build ranker training lists (Spark) and train the neural ranker")
+    tr.add_argument("--run", required=True, help="run directory with a trained two-tower model")
+    tr.add_argument("--rebuild-data", action="store_true", help="rebuild RUN_DIR/ranker_data even if present")
+    tr.add_argument("--progress", action="store_true", help="show training progress bars")
+    _add_config_args(tr)
+    tr.set_defaults(fn=cmd_train_ranker)
+
+    er = sub.add_parser("evaluate-ranker", help="NDCG@10 / Recall@10 / MRR of ranker vs retrieval order, bootstrap CIs")
+    er.add_argument("--run", required=True, help="run directory with a trained ranker")
+    _add_config_args(er)
+    er.set_defaults(fn=cmd_evaluate_ranker)
+
+    sr = sub.add_parser("serve-ranker", help="the ranking API with the end-to-end /v1/recommend endpoint")
+    sr.add_argument("--run", required=True, help="run directory with a trained ranker")
+    sr.add_argument("--retrieval-url", required=True, help="base URL of the retrieval service")
+    sr.add_argument("--host", help="bind address (default serve.host)")
+    sr.add_argument("--port", type=int, help="port (default serve.ranking_port)")
+    _add_config_args(sr)
+    sr.set_defaults(fn=cmd_serve_ranker)
 
     f = sub.add_parser("fit", help="run every offline stage: prepare, train, evaluate, refit, export, index, ranker")
     f.add_argument("--data", help="raw data directory (raw contract, Olist, LightGCN or MovieLens layout); "

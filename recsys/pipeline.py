@@ -36,6 +36,9 @@ class Stage:
     artifact: str
     sections: tuple[str, ...]
     body: Callable[[FitContext], dict[str, Any]]
+    # An optional stage's failure is reported and recorded, but does not undo the artifacts that
+    # `recommend` and `serve` need (the ranker re-orders; retrieval works without it).
+    optional: bool = False
 
 
 @dataclass
@@ -124,6 +127,25 @@ def _bundle(ctx: FitContext) -> dict[str, Any]:
     return {k: m.get(k) for k in ("version", "path")}
 
 
+def _ranker_data(ctx: FitContext) -> dict[str, Any]:
+    from ranking import data
+
+    m = data.run(ctx.cfg, ctx.run_dir, ctx.prepared)
+    return {k: m.get(k) for k in ("rows", "lists", "splits") if k in m}
+
+
+def _ranker(ctx: FitContext) -> dict[str, Any]:
+    from ranking import train as ranker_train
+
+    return ranker_train.run(ctx.cfg, ctx.run_dir, progress=ctx.progress)
+
+
+def _ranker_eval(ctx: FitContext) -> dict[str, Any]:
+    from ranking import evaluate as ranker_evaluate
+
+    return ranker_evaluate.run(ctx.cfg, ctx.run_dir).get("all", {})
+
+
 def stages(cfg: Config) -> list[Stage]:
     """The ordered offline stages for this configuration."""
     out = [
@@ -140,6 +162,13 @@ def stages(cfg: Config) -> list[Stage]:
         Stage("index", "index", ("data", "model", "train", "retrieval"), _index),
         Stage("bundle", "bundles", ("data", "model", "train", "retrieval"), _bundle),
     ]
+    if cfg.ranking.enabled:
+        rk = ("data", "model", "train", "eval", "ranking")
+        out += [
+            Stage("ranker_data", "ranker_data", rk, _ranker_data, optional=True),
+            Stage("ranker", "ranker", rk, _ranker, optional=True),
+            Stage("ranker_eval", "ranker_eval", rk, _ranker_eval, optional=True),
+        ]
     return out
 
 
@@ -218,7 +247,17 @@ def fit(cfg: Config, run_dir: str | Path, data: str | None = None, from_stage: s
         else:
             say(f"{st.name}: running → {run_dir / st.artifact}")
             t0 = time.time()
-            summary = st.body(ctx)
+            try:
+                summary = st.body(ctx)
+            except Exception as e:
+                if not st.optional:
+                    raise
+                say(f"{st.name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                    "later optional stages are skipped, retrieval artifacts are unaffected")
+                state[st.name] = {"key": None, "failed": f"{type(e).__name__}: {e}"}
+                state_path.write_text(json.dumps(state, indent=2, default=str))
+                results[st.name] = {"failed": str(e)}
+                break
             summary = json.loads(json.dumps(summary, default=str))
             state[st.name] = {"key": key, "seconds": round(time.time() - t0, 1), "summary": summary}
             state_path.write_text(json.dumps(state, indent=2))

@@ -39,8 +39,11 @@ def run(out: str | Path, config: str | None = None, overrides: list[str] | tuple
     pipeline.fit(cfg, out)
     report = json.loads((out / "eval" / "report.json").read_text())
     print(_table(report))
+    ranker_md = out / "ranker_eval" / "report.md"
+    if ranker_md.exists():
+        print("\n" + ranker_md.read_text())
     print("\nArtifacts:")
-    for name in ("raw", "prepared", "model", "eval", "model_full", "export", "index", "bundles", "ranker", "mlflow.db"):
+    for name in ("raw", "prepared", "model", "eval", "model_full", "export", "index", "bundles", "ranker_data", "ranker", "ranker_eval", "mlflow.db"):
         p = out / name
         if p.exists():
             print(f"  {name:<11} {p}")

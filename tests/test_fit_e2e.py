@@ -19,7 +19,7 @@ def fitted(tmp_path_factory, spark):
     synthetic.generate(raw, preset="tiny", seed=3)
     run = root / "run"
     sets = ["train.epochs=2", "train.batch_size=256", "train.num_negatives=256", "eval.baselines=[popularity]",
-            "data.max_history=20", "train.register_model=false"]
+            "data.max_history=20", "train.register_model=false", "ranking.enabled=false"]
     args = ["fit", "--data", str(raw), "--out", str(run)]
     for s in sets:
         args += ["--set", s]

@@ -1,0 +1,245 @@
+"""Ranking latency: in-process (100 candidates, one forward) and end to end through both services.
+
+    python benchmarks/bench_ranking.py --run RUN_DIR                       # 10 s at 100 requests/s
+    python benchmarks/bench_ranking.py --run RUN_DIR --duration 60 --rate 200 --out bench.json
+    python benchmarks/bench_ranking.py --run RUN_DIR --no-e2e              # in-process only
+
+RUN_DIR needs ``ranker/`` and a retrieval bundle (``bundles/CURRENT``; ``recsys fit`` makes both).
+
+In-process: ``Ranker.rank`` for ``--candidates`` retrieved candidates of random known users, with
+the sellers retrieval chose (``/v1/rank``) and with every offer expanded (what ``/v1/recommend``
+does), one torch thread. End to end: the retrieval service and the ranking service run as two
+uvicorn processes on loopback; an open-loop generator sends ``POST /v1/recommend`` with Poisson
+arrivals at ``--rate`` per second for ``--duration`` seconds. Latency is measured from each request's
+scheduled arrival time (queueing included, no coordinated omission). Goal on 2 cores: p99 < 40 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def percentiles(ms: list[float] | np.ndarray) -> dict[str, float]:
+    a = np.asarray(ms, np.float64)
+    if len(a) == 0:
+        return {"n": 0}
+    return {"n": int(len(a)), "mean_ms": round(float(a.mean()), 3),
+            **{f"p{q}_ms": round(float(np.percentile(a, q)), 3) for q in (50, 90, 99)},
+            "max_ms": round(float(a.max()), 3)}
+
+
+def in_process(cfg, run: Path, n: int, n_cand: int, seed: int) -> dict[str, Any]:
+    import torch
+
+    from ranking.scorer import Ranker
+    from retrieval.bundle import load_bundle
+    from retrieval.retriever import Retriever
+
+    torch.set_num_threads(1)
+    ranker = Ranker.load(run / "ranker", run)
+    retriever = Retriever(load_bundle(run), cfg)
+    rng = np.random.default_rng(seed)
+    ids = retriever.bundle.user_ids
+    users = [str(u) for u in rng.choice(ids, min(n, 200, len(ids)), replace=False)]
+    lists = {u: retriever.recommend_products([u], n_cand)[0].candidates for u in users}
+    ctx = {"hour": 20, "dow": 4}
+    out: dict[str, Any] = {"candidates": n_cand, "users": len(users)}
+    for name, expand in (("given_sellers", False), ("expand_offers", True)):
+        for u in users[:20]:  # warm-up (and fill the per-user cache the way a live server would)
+            ranker.rank(u, lists[u], ctx, expand)
+        ms, rows = [], []
+        for i in range(n):
+            u = users[i % len(users)]
+            t0 = time.perf_counter()
+            ranker.rank(u, lists[u], ctx, expand)
+            ms.append(1000 * (time.perf_counter() - t0))
+        out[name] = percentiles(ms)
+        # the per-user cache makes repeated users cheaper: time cold users too
+        ranker._user_cache.clear()
+        cold = []
+        for u in users:
+            t0 = time.perf_counter()
+            ranker.rank(u, lists[u], ctx, expand)
+            cold.append(1000 * (time.perf_counter() - t0))
+            ranker._user_cache.clear()
+        out[f"{name}_uncached_user"] = percentiles(cold)
+        if expand:
+            rows = [sum(1 for _ in ranker.offers.seller_idx[ranker.offers.rows_of_product(p)]) or 1
+                    for p in ranker.product_indexes([c.product_id for c in lists[users[0]]])]
+            out["expanded_rows_per_request"] = int(np.sum(rows))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+SERVER = """
+import json, sys
+sys.path.insert(0, {root!r})
+from recsys.config import from_dict
+cfg = from_dict(json.load(open({cfg!r})))
+if {kind!r} == "retrieval":
+    from retrieval.service import serve
+    serve(cfg, run_dir={run!r}, host="127.0.0.1", port={port})
+else:
+    from ranking.service import serve
+    serve(cfg, {run!r}, {url!r}, host="127.0.0.1", port={port})
+"""
+
+
+def start(kind: str, cfg_path: str, run: Path, port: int, url: str = "") -> subprocess.Popen:
+    code = SERVER.format(root=str(ROOT), cfg=cfg_path, kind=kind, run=str(run), port=port, url=url)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    import httpx
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited: {proc.stderr.read().decode()[-3000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def end_to_end(cfg, run: Path, rate: float, duration: float, k: int, n_cand: int, seed: int,
+               workers: int = 64) -> dict[str, Any]:
+    import httpx
+
+    from recsys.config import to_dict
+    from retrieval.bundle import load_bundle
+
+    users = [str(u) for u in load_bundle(run, load_model=False).user_ids]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(to_dict(cfg), f)
+        cfg_path = f.name
+    rport, kport = free_port(), free_port()
+    rurl, kurl = f"http://127.0.0.1:{rport}", f"http://127.0.0.1:{kport}"
+    procs = [start("retrieval", cfg_path, run, rport)]
+    try:
+        wait_ready(rurl, procs[0])
+        procs.append(start("ranking", cfg_path, run, kport, rurl))
+        wait_ready(kurl, procs[1])
+        local = threading.local()
+
+        def client() -> httpx.Client:
+            if not hasattr(local, "c"):
+                local.c = httpx.Client(timeout=10.0)
+            return local.c
+
+        def one(i: int, user: str, scheduled: float) -> tuple[float, int, str | None]:
+            try:
+                r = client().post(kurl + "/v1/recommend", json={"user_id": user, "k": k, "candidates": n_cand},
+                                  headers={"X-Request-ID": f"bench-{i}"})
+                fb = r.json().get("fallback") if r.status_code == 200 else None
+                return 1000 * (time.perf_counter() - scheduled), r.status_code, fb
+            except httpx.HTTPError as e:
+                return 1000 * (time.perf_counter() - scheduled), -1, type(e).__name__
+
+        rng = np.random.default_rng(seed)
+        # warm-up: a few sequential requests (connections, caches, first forward passes)
+        for i in range(20):
+            one(-i, users[int(rng.integers(len(users)))], time.perf_counter())
+        gaps = rng.exponential(1.0 / rate, int(rate * duration * 1.5) + 10)
+        arrivals = np.cumsum(gaps)
+        arrivals = arrivals[arrivals < duration]
+        picks = rng.integers(0, len(users), len(arrivals))
+        futures = []
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            t0 = time.perf_counter()
+            for i, (at, u) in enumerate(zip(arrivals, picks, strict=True)):
+                delay = t0 + at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                futures.append(pool.submit(one, i, users[u], t0 + at))
+            res = [f.result() for f in futures]
+            wall = time.perf_counter() - t0
+        ms = [r[0] for r in res]
+        ok = [r for r in res if r[1] == 200]
+        metrics = httpx.get(kurl + "/metrics", timeout=5.0).text
+        return {
+            "rate_target": rate, "duration_s": duration, "requests": len(res), "achieved_rate": round(len(res) / wall, 1),
+            "ok": len(ok), "errors": len(res) - len(ok),
+            "fallbacks": sum(1 for r in ok if r[2] is not None), "latency": percentiles(ms),
+            "ranker_server_side": _hist(metrics, "ranking_ranker_seconds"),
+            "retrieval_call_server_side": _hist(metrics, "ranking_retrieval_seconds"),
+        }
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        os.unlink(cfg_path)
+
+
+def _hist(text: str, name: str) -> dict[str, float]:
+    """Count and mean (ms) of a Prometheus histogram from the exposition text."""
+    vals = {}
+    for line in text.splitlines():
+        for suffix in ("_sum", "_count"):
+            if line.startswith(name + suffix + " "):
+                vals[suffix] = float(line.split()[-1])
+    n = vals.get("_count", 0.0)
+    return {"count": int(n), "mean_ms": round(1000 * vals.get("_sum", 0.0) / n, 3) if n else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from recsys.config import load_config
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run directory with ranker/ and bundles/CURRENT")
+    p.add_argument("--config", help="experiment YAML (the run's serving settings)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--k", type=int, default=10, help="items per /v1/recommend response")
+    p.add_argument("--inproc-requests", type=int, default=500)
+    p.add_argument("--rate", type=float, default=100.0, help="requests per second (Poisson arrivals)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of end-to-end load (longer: e.g. 60)")
+    p.add_argument("--no-e2e", action="store_true", help="in-process numbers only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the results as JSON here")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    run = Path(a.run)
+    res: dict[str, Any] = {"run": str(run), "cpus": os.cpu_count(), "in_process": in_process(cfg, run, a.inproc_requests,
+                                                                                           a.candidates, a.seed)}
+    print(json.dumps(res["in_process"], indent=2), flush=True)
+    if not a.no_e2e:
+        res["end_to_end"] = end_to_end(cfg, run, a.rate, a.duration, a.k, a.candidates, a.seed)
+        print(json.dumps(res["end_to_end"], indent=2), flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
