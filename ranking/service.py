@@ -25,7 +25,6 @@ its status; an unreachable retrieval service is a 503. Invalid input is a 422 na
 import contextlib
 import logging
 import math
-import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -41,9 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.datastructures import MutableHeaders
 
 from recsys.config import Config
+from retrieval.common import request_id_from_scope
 
 log = logging.getLogger(__name__)
-_RID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -70,13 +69,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = None
-        for k, v in scope.get("headers", ()):
-            if k == b"x-request-id":
-                s = v.decode("latin-1").strip()
-                rid = s if _RID.match(s) else None
-                break
-        rid = rid or uuid.uuid4().hex
+        rid = request_id_from_scope(scope)
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         t0 = time.perf_counter()

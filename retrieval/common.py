@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,17 @@ def max_history(desc: dict[str, Any], default: int) -> int:
         return int(desc["config"]["data"]["max_history"])
     except (KeyError, TypeError, ValueError):
         return int(default)
+
+
+_RID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def request_id_from_scope(scope) -> str:
+    """The request's X-Request-ID when it is a safe token, else a new one (both services use this)."""
+    for k, v in scope.get("headers", ()):
+        if k == b"x-request-id":
+            s = v.decode("latin-1").strip()
+            if _RID.match(s):
+                return s
+            break
+    return uuid.uuid4().hex

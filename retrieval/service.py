@@ -28,7 +28,6 @@ swap are sync functions run in the thread pool, so they never stall other reques
 import gc
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -54,12 +53,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recsys.config import Config
 from retrieval.bundle import Bundle, BundleError, ensure_bundle, load_bundle, resolve_bundle_path
-from retrieval.common import RetrievalError
+from retrieval.common import RetrievalError, request_id_from_scope
 from retrieval.retriever import Filters, Retriever, UnknownItemError
 
 log = logging.getLogger(__name__)
 
-_RID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 ADMIN_TOKEN_ENV = "RECSYS_ADMIN_TOKEN"
 
 
@@ -125,13 +123,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = None
-        for k, v in scope.get("headers", ()):
-            if k == b"x-request-id":
-                s = v.decode("latin-1").strip()
-                rid = s if _RID.match(s) else None
-                break
-        rid = rid or uuid.uuid4().hex
+        rid = request_id_from_scope(scope)
         scope.setdefault("state", {})["request_id"] = rid
         t0 = time.perf_counter()
         status = [500]
