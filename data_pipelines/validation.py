@@ -278,6 +278,26 @@ def _nonempty_str(c: Column) -> Column:
     return F.when(s != "", s)
 
 
+def _optional_number(df: DataFrame, name: str, typed: dict[str, Column], checks: list[tuple[str, Column]]) -> None:
+    """Type an optional non-negative numeric column (null double when absent), flagging bad and negative values."""
+    if name in df.columns:
+        v, bad = num_col(qcol(name), _dtype(df, name))
+        typed[name] = v
+        checks += [(f"bad_{name}", bad), (f"negative_{name}", v < 0)]
+    else:
+        typed[name] = F.lit(None).cast("double")
+
+
+def _optional_epoch(df: DataFrame, name: str, typed: dict[str, Column], checks: list[tuple[str, Column]]) -> None:
+    """Type an optional timestamp column as epoch seconds (null long when absent), flagging unparsable values."""
+    if name in df.columns:
+        v, bad = epoch_col(qcol(name), _dtype(df, name))
+        typed[name] = v
+        checks.append(("bad_timestamp", bad))
+    else:
+        typed[name] = F.lit(None).cast("long")
+
+
 def flag_products(products: DataFrame) -> Flagged:
     cols = set(products.columns)
     c, dt = qcol, lambda n: _dtype(products, n)
@@ -285,23 +305,12 @@ def flag_products(products: DataFrame) -> Flagged:
     checks: list[tuple[str, Column]] = [("missing_product_id", qcol(_T + "product_id").isNull())]
     typed["category"] = normalise_category(c("category")) if "category" in cols else F.lit(None).cast("string")
     typed["brand"] = _nonempty_str(c("brand")) if "brand" in cols else F.lit(None).cast("string")
-    if "price" in cols:
-        v, bad = num_col(c("price"), dt("price"))
-        typed["price"] = v
-        checks += [("bad_price", bad), ("negative_price", v < 0)]
-    else:
-        typed["price"] = F.lit(None).cast("double")
-    if "created_at" in cols:
-        v, bad = epoch_col(c("created_at"), dt("created_at"))
-        typed["created_at"] = v
-        checks.append(("bad_timestamp", bad))
-    else:
-        typed["created_at"] = F.lit(None).cast("long")
+    _optional_number(products, "price", typed, checks)
+    _optional_epoch(products, "created_at", typed, checks)
     return _flag("products", products, typed, checks, key=["product_id"])
 
 
 def flag_offers(offers: DataFrame) -> Flagged:
-    cols = set(offers.columns)
     c, dt = qcol, lambda n: _dtype(offers, n)
     typed: dict[str, Column] = {
         "product_id": id_col(c("product_id"), dt("product_id")),
@@ -312,46 +321,24 @@ def flag_offers(offers: DataFrame) -> Flagged:
         ("missing_seller_id", qcol(_T + "seller_id").isNull()),
     ]
     for col in ("price", "stock", "shipping_days"):
-        if col in cols:
-            v, bad = num_col(c(col), dt(col))
-            typed[col] = v
-            checks += [(f"bad_{col}", bad), (f"negative_{col}", v < 0)]
-        else:
-            typed[col] = F.lit(None).cast("double")
+        _optional_number(offers, col, typed, checks)
     return _flag("offers", offers, typed, checks, key=["product_id", "seller_id"])
 
 
 def flag_sellers(sellers: DataFrame) -> Flagged:
-    cols = set(sellers.columns)
     c, dt = qcol, lambda n: _dtype(sellers, n)
     typed: dict[str, Column] = {"seller_id": id_col(c("seller_id"), dt("seller_id"))}
     checks: list[tuple[str, Column]] = [("missing_seller_id", qcol(_T + "seller_id").isNull())]
-    if "rating" in cols:
-        v, bad = num_col(c("rating"), dt("rating"))
-        typed["rating"] = v
-        checks += [("bad_rating", bad), ("negative_rating", v < 0)]
-    else:
-        typed["rating"] = F.lit(None).cast("double")
-    if "created_at" in cols:
-        v, bad = epoch_col(c("created_at"), dt("created_at"))
-        typed["created_at"] = v
-        checks.append(("bad_timestamp", bad))
-    else:
-        typed["created_at"] = F.lit(None).cast("long")
+    _optional_number(sellers, "rating", typed, checks)
+    _optional_epoch(sellers, "created_at", typed, checks)
     return _flag("sellers", sellers, typed, checks, key=["seller_id"])
 
 
 def flag_users(users: DataFrame) -> Flagged:
-    cols = set(users.columns)
     c, dt = qcol, lambda n: _dtype(users, n)
     typed: dict[str, Column] = {"user_id": id_col(c("user_id"), dt("user_id"))}
     checks: list[tuple[str, Column]] = [("missing_user_id", qcol(_T + "user_id").isNull())]
-    if "signup_date" in cols:
-        v, bad = epoch_col(c("signup_date"), dt("signup_date"))
-        typed["signup_date"] = v
-        checks.append(("bad_timestamp", bad))
-    else:
-        typed["signup_date"] = F.lit(None).cast("long")
+    _optional_epoch(users, "signup_date", typed, checks)
     return _flag("users", users, typed, checks, key=["user_id"])
 
 
