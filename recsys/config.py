@@ -97,7 +97,12 @@ class TrainConfig:
     precision: str = "32-true"  # use bf16-mixed on GPU
     strategy: str = "auto"
     seed: int = 42
-    early_stopping_patience: int = 3
+    early_stopping_patience: int = 3  # validations without improvement after the last lr decay
+    # On a validation plateau: restore the best weights and multiply the learning rates by
+    # lr_decay_factor, up to max_lr_decays times (towers/lr_schedule.py); refit replays it.
+    lr_decay_factor: float = 0.1
+    lr_decay_patience: int = 1
+    max_lr_decays: int = 2
     val_every_n_epochs: int = 1
     val_k: int = 20
     val_max_users: int = 20000

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
+from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 
 from recsys.artifacts import atomic_artifact, read_manifest
 from recsys.config import Config, fingerprint, to_dict
@@ -20,6 +20,7 @@ from towers.catalog import load_catalog
 from towers.checkpoint import save_towers
 from towers.datamodule import TowerDataModule
 from towers.lit_module import TwoTowerLightning
+from towers.lr_schedule import PlateauDecay, ReplayDecay
 from towers.shapes import TowerShape
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def run(
     train_splits: tuple[str, ...] = ("train",),
     epochs: int | None = None,
     out_name: str = "model",
+    lr_schedule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the towers and write ``RUN_DIR/<out_name>`` (weights, description, manifest).
 
@@ -78,6 +80,7 @@ def run(
             runs only when this is just ``("train",)``.
         epochs: a fixed number of epochs (refit), else ``train.epochs`` with early stopping.
         out_name: the model directory name under the run directory.
+        lr_schedule: a schedule recorded by :class:`PlateauDecay` to replay without validation (refit).
 
     Returns:
         Summary with the best validation metric, epochs, timing and paths.
@@ -122,8 +125,13 @@ def run(
             every_n_train_steps=cfg.train.checkpoint_every_n_steps or None,
         )
     ]
-    if has_val and cfg.train.early_stopping_patience > 0:
-        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.train.early_stopping_patience))
+    plateau = None
+    if has_val:
+        plateau = PlateauDecay(monitor, ckpt_dir / "best.ckpt", cfg.train.lr_decay_factor, cfg.train.lr_decay_patience,
+                               cfg.train.max_lr_decays, cfg.train.early_stopping_patience)
+        callbacks.append(plateau)
+    elif lr_schedule and lr_schedule.get("decay_at"):
+        callbacks.append(ReplayDecay(lr_schedule["decay_at"], float(lr_schedule.get("factor", cfg.train.lr_decay_factor))))
     if cfg.train.max_minutes > 0:
         callbacks.append(Timer(duration={"minutes": cfg.train.max_minutes}))
 
@@ -184,6 +192,7 @@ def run(
         "best_val": {monitor: float(best_score) if best_score is not None else None},
         "epochs_trained": int(trainer.current_epoch),
         "best_epoch": _best_epoch(best_path, trainer.current_epoch),
+        "lr_schedule": plateau.schedule() if plateau is not None else (lr_schedule or {}),
         "train_splits": list(train_splits),
         "train_seconds": round(train_seconds, 1),
         "mlflow": {"tracking_uri": uri, "run_id": mlf.run_id},
@@ -221,9 +230,13 @@ def refit(cfg: Config, prepared: str | Path, run_dir: str | Path, include_test: 
     Args:
         include_test: train on the test split too (true unless the source predefined the test split).
     """
-    best = json.loads((Path(run_dir) / "model" / "model.json").read_text()).get("best_epoch") or cfg.train.epochs
+    info = json.loads((Path(run_dir) / "model" / "model.json").read_text())
+    schedule = info.get("lr_schedule") or {}
+    # Effective epochs: epochs discarded by a restore-on-plateau do not count.
+    best = schedule.get("epochs") or info.get("best_epoch") or cfg.train.epochs
     splits = ("train", "val", "test") if include_test else ("train", "val")
-    return run(cfg, prepared, run_dir, resume=False, progress=progress, train_splits=splits, epochs=int(best), out_name="model_full")
+    return run(cfg, prepared, run_dir, resume=False, progress=progress, train_splits=splits, epochs=int(best),
+               out_name="model_full", lr_schedule=schedule)
 
 
 def _log_model(uri: str, run_id: str, model_dir: Path, cfg: Config, metric: str, value: float | None) -> None:
