@@ -12,7 +12,9 @@ Endpoints (OpenAPI at ``/openapi.json``)::
 Every response carries ``request_id`` (the incoming ``X-Request-ID`` when it is a sane token, else a
 new one; echoed as a header and sent on to the retrieval service) and ``ranker_version`` (header
 ``X-Ranker-Version``); ``/v1/recommend`` also ``bundle_version`` (the retrieval bundle that answered,
-header ``X-Bundle-Version``).
+header ``X-Bundle-Version``) and, while an A/B experiment runs, the ``experiment`` and ``variant`` that
+retrieval assigned. With ``serve.exposure_log`` set, ``/v1/recommend`` appends what it returns to the
+exposure log (sub-directory ``ranking/``; the retrieval service then does not log the same request).
 
 Fallback: the ranker runs in a small thread pool with a deadline of ``serve.ranker_timeout_s``; if
 it fails or misses the deadline, ``/v1/recommend`` returns retrieval's order (``"fallback":
@@ -125,7 +127,8 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
     if isinstance(retrieval, (str, Path)):
         from retrieval.client import RetrievalClient
 
-        retrieval = RetrievalClient(str(retrieval), timeout_s=cfg.serve.request_timeout_s, retries=cfg.serve.retries)
+        retrieval = RetrievalClient(str(retrieval), timeout_s=cfg.serve.request_timeout_s, retries=cfg.serve.retries,
+                                    caller="ranking")
     sv = cfg.serve
     max_k = int(sv.max_k)
     timeout_s = float(sv.ranker_timeout_s)
@@ -133,6 +136,12 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
     metrics = Metrics()
     pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="ranker")
     version = str(getattr(ranker, "version", "unknown"))
+    exposures = None
+    if sv.exposure_log:
+        from recsys.ab.exposure_log import ExposureLogWriter
+
+        exposures = ExposureLogWriter(Path(sv.exposure_log) / "ranking", rotate_mb=sv.exposure_rotate_mb)
+    exposure_errors = [0]
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -175,6 +184,8 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
     async def lifespan(_app):
         yield
         pool.shutdown(wait=False, cancel_futures=True)
+        if exposures is not None:
+            exposures.close()
 
     app = FastAPI(title="recsys ranking", version="1", lifespan=lifespan,
                   description="DCN-v2 re-ranking of retrieved candidates, end-to-end recommendations and best-seller ranking.")
@@ -268,11 +279,21 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
                     "retrieval_score": cands[r.position].get("score"),
                     "price": r.price if r.price is not None else cands[r.position].get("price")}
                    for j, r in enumerate(items[: req.k])]
-        return JSONResponse({
+        body = {
             "request_id": rid, "user_id": req.user_id, "bundle_version": bundle_version, "ranker_version": version,
             "fallback": None if items is not None else "retrieval_order", "fallback_reason": reason,
             "retrieval_fallback": bool(res.get("fallback", False)), "items": out,
-        })
+        }
+        if res.get("variant"):
+            body["experiment"], body["variant"] = res.get("experiment", ""), res["variant"]
+        if exposures is not None and req.user_id is not None:
+            try:
+                exposures.log_exposure(rid, req.user_id, res.get("experiment", ""), res.get("variant") or "default",
+                                       out, bundle_version=bundle_version, ranker_version=version)
+            except Exception:  # noqa: BLE001 - the response matters more than its exposure record
+                exposure_errors[0] += 1
+                log.exception("exposure log: could not record request %s", rid)
+        return JSONResponse(body)
 
     @app.get("/v1/products/{product_id}/best-sellers", tags=["products"],
              summary="Rank the sellers offering a product for a user (price, shipping, stock, seller quality, affinity)")
@@ -328,7 +349,8 @@ def serve(cfg: Config, run_dir: str | Path, retrieval_url: str, host: str | None
     from retrieval.client import RetrievalClient
 
     ranker = Ranker.load(Path(run_dir) / "ranker", bundle or run_dir)
-    client = RetrievalClient(retrieval_url, timeout_s=cfg.serve.request_timeout_s, retries=cfg.serve.retries)
+    client = RetrievalClient(retrieval_url, timeout_s=cfg.serve.request_timeout_s, retries=cfg.serve.retries,
+                             caller="ranking")
     app = create_app(ranker, cfg, client)
     uvicorn.run(app, host=host or cfg.serve.host, port=int(port or cfg.serve.ranking_port), log_level="warning",
                 access_log=False, timeout_keep_alive=30)

@@ -38,6 +38,8 @@ class RetrievalClient:
         backoff_s: first backoff; doubled after each failed attempt.
         http_client: an existing ``httpx.Client`` (e.g. FastAPI's ``TestClient``); not closed by ``close``.
         admin_token: sent as ``X-Admin-Token`` on admin calls.
+        caller: sent as ``X-Recsys-Caller`` (``"ranking"``: the caller logs A/B exposures itself, so the
+            retrieval service does not log the candidate list as shown).
     """
 
     def __init__(
@@ -48,12 +50,14 @@ class RetrievalClient:
         backoff_s: float = 0.05,
         http_client: httpx.Client | None = None,
         admin_token: str | None = None,
+        caller: str | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = float(timeout_s)
         self.retries = max(0, int(retries))
         self.backoff_s = float(backoff_s)
         self.admin_token = admin_token
+        self._caller = {"X-Recsys-Caller": caller} if caller else {}
         self._own = http_client is None
         self._http = http_client or httpx.Client(timeout=httpx.Timeout(self.timeout_s))
         self.last_request_id: str | None = None
@@ -83,7 +87,7 @@ class RetrievalClient:
         """One API call with retries; returns the JSON body of a 2xx answer."""
         rid = request_id or uuid.uuid4().hex
         self.last_request_id = rid
-        h = {"X-Request-ID": rid, **(headers or {})}
+        h = {"X-Request-ID": rid, **self._caller, **(headers or {})}
         url = self.base_url + path
         # an injected client (e.g. a TestClient) keeps its own timeouts unless the call sets one
         kw = {"timeout": httpx.Timeout(timeout_s if timeout_s is not None else self.timeout_s)} if (

@@ -8,7 +8,15 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``)::
     GET|POST /v1/products/{product_id}/sellers   (?user_id=&k= | {user_id?, k})
     POST /v1/products/{product_id}/similar       {k, filters?, user_id?}
     GET  /healthz   GET /readyz   GET /metrics (Prometheus)
-    POST /admin/bundle  {path}   verify + load a bundle, then swap it in atomically
+    POST /admin/bundle  {path, variant?}   verify + load a bundle, then swap it in atomically
+
+A/B: with ``ab.experiment`` and ``ab.variants`` set, each user is assigned a variant by a salted hash
+(``recsys.ab.assignment``); a variant with ``bundle`` set is served from that bundle (loaded at start,
+swappable with ``{"variant": name}``), the others from the main bundle. User responses then carry
+``experiment`` and ``variant`` (also ``X-Experiment`` / ``X-Variant`` headers) and the bundle of the
+variant. With ``serve.exposure_log`` set, every product list returned for a user is appended to the
+exposure log (``recsys.ab.exposure_log``, sub-directory ``retrieval/``) unless the request comes from the ranking service
+(header ``X-Recsys-Caller: ranking``), which logs what it finally shows instead.
 
 Every JSON response carries ``request_id`` (the incoming ``X-Request-ID`` when it is a sane token,
 else a new one; also echoed as a header) and ``bundle_version`` (also the ``X-Bundle-Version`` header).
@@ -25,6 +33,7 @@ swap are sync functions run in the thread pool, so they never stall other reques
 """
 
 
+import contextlib
 import gc
 import logging
 import os
@@ -51,7 +60,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from recsys.config import Config
+from recsys.ab.exposure_log import Route, VariantRouter
+from recsys.config import Config, ConfigError
 from retrieval.bundle import Bundle, BundleError, ensure_bundle, load_bundle, resolve_bundle_path
 from retrieval.common import RetrievalError, request_id_from_scope
 from retrieval.retriever import Filters, Retriever, UnknownItemError
@@ -59,6 +69,7 @@ from retrieval.retriever import Filters, Retriever, UnknownItemError
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_ENV = "RECSYS_ADMIN_TOKEN"
+CALLER_HEADER = "x-recsys-caller"  # "ranking": the caller logs the exposure of what it shows
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,28 @@ class ServiceState:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.live: Live | None = None
+        self.variants: dict[str, Live] = {}  # A/B variants with their own bundle
+        self.router: VariantRouter[str] | None = None
         self.swap_lock = threading.Lock()
+
+    def for_user(self, user_id: str | None) -> tuple[Live, Route[str] | None]:
+        """The bundle that serves this user and the user's A/B route (None without a router or user)."""
+        if self.router is None or user_id is None:
+            return self.live, None
+        route = self.router.route(user_id)
+        return self.variants.get(route.variant, self.live), route
+
+
+def make_router(cfg: Config) -> VariantRouter[str] | None:
+    """The A/B router (variant names as handlers) with the exposure log, or None when neither is configured."""
+    active = bool(cfg.ab.experiment) and bool(cfg.ab.variants)
+    if not active and not cfg.serve.exposure_log:
+        return None
+    names = [v.name for v in cfg.ab.variants] if active else ["default"]
+    # each service writes its own sub-directory (one writer per directory); readers read them all
+    log_dir = str(Path(cfg.serve.exposure_log) / "retrieval") if cfg.serve.exposure_log else ""
+    return VariantRouter.from_config(cfg.ab, {n: n for n in names}, log_dir=log_dir,
+                                     rotate_mb=cfg.serve.exposure_rotate_mb)
 
 
 class Metrics:
@@ -135,9 +167,14 @@ class RequestContext:
                 status[0] = message["status"]
                 h = MutableHeaders(scope=message)
                 h["x-request-id"] = rid
+                st = scope["state"]
                 live = self.state.live
-                if live is not None:
-                    h["x-bundle-version"] = live.version
+                version = st.get("bundle_version") or (live.version if live is not None else None)
+                if version is not None:
+                    h["x-bundle-version"] = version
+                if st.get("variant"):
+                    h["x-experiment"] = st.get("experiment", "")
+                    h["x-variant"] = st["variant"]
             await send(message)
 
         try:
@@ -225,6 +262,13 @@ def create_app(
             path = ensure_bundle(cfg, p)
         state.live = _load_live(path, cfg)
     metrics.bundle.labels(state.live.version).set(1)
+    for v in cfg.ab.variants if cfg.ab.experiment else ():
+        if v.bundle:
+            try:
+                state.variants[v.name] = _load_live(resolve_bundle_path(Path(v.bundle)), cfg)
+            except BundleError as e:
+                raise ConfigError(f"ab.variants[{v.name}].bundle: {e}") from e
+    state.router = make_router(cfg)
 
     sv = cfg.serve
     max_k = int(sv.max_k)
@@ -279,8 +323,16 @@ def create_app(
 
     class SwapIn(Strict):
         path: str = Field(min_length=1, max_length=4096)
+        variant: str | None = Field(default=None, max_length=256)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        if state.router is not None:
+            state.router.close()  # flush and fsync the exposure log
 
     app = FastAPI(
+        lifespan=lifespan,
         title="recsys retrieval",
         version="1",
         description="Two-tower candidate retrieval for products and sellers (FAISS), with marketplace filters.",
@@ -324,36 +376,66 @@ def create_app(
                     np.round(t.price[row, :n].astype(np.float64), 4).tolist(), strict=True), 1)
         ]
 
-    def _ok(request: Request, live: Live, body: dict[str, Any]) -> JSONResponse:
+    def _ok(request: Request, live: Live, body: dict[str, Any], route: Route[str] | None = None) -> JSONResponse:
         body["request_id"] = _rid(request)
         body["bundle_version"] = live.version
+        st = request.scope.setdefault("state", {})
+        st["bundle_version"] = live.version
+        if route is not None and route.experiment:
+            body["experiment"], body["variant"] = route.experiment, route.variant
+            st["experiment"], st["variant"] = route.experiment, route.variant
         return JSONResponse(body)
+
+    def _log_exposure(request: Request, live: Live, route: Route[str] | None, user_id: str,
+                      items: list[dict[str, Any]], part: int | None = None) -> None:
+        if route is None or state.router is None or request.headers.get(CALLER_HEADER) == "ranking":
+            return
+        # one record per user list; a batch's lists get "<request id>/<position in the batch>" so
+        # readers that de-duplicate by request id keep them all
+        rid = _rid(request) if part is None else f"{_rid(request)}/{part}"
+        state.router.record(route, user_id, items, request_id=rid, bundle_version=live.version)
+
+    def _per_user(user_ids: list[str]) -> list[tuple[Live, Route[str] | None]]:
+        return [state.for_user(u) for u in user_ids]
 
     @app.post("/v1/retrieve/products", tags=["retrieve"], summary="Top-k products for one user or session")
     async def retrieve_products(req: ProductsIn, request: Request) -> JSONResponse:
-        live = state.live
+        live, route = state.for_user(req.user_id)
         recent = [req.recent_product_ids] if req.recent_product_ids else None
         t = live.retriever.topk_products([req.user_id], req.k, req.filters.to_filters(), recent)
         fb = bool(t.fallback[0])
         if fb:
             metrics.fallback.inc()
-        return _ok(request, live, {"user_id": req.user_id, "fallback": fb, "candidates": _rows(live.retriever, t, 0)})
+        rows = _rows(live.retriever, t, 0)
+        _log_exposure(request, live, route, req.user_id, rows)
+        return _ok(request, live, {"user_id": req.user_id, "fallback": fb, "candidates": rows}, route)
 
     @app.post("/v1/retrieve/products:batch", tags=["retrieve"], summary="Top-k products for a batch of users")
     def retrieve_products_batch(req: BatchIn, request: Request) -> JSONResponse:
-        live = state.live
-        t = live.retriever.topk_products(list(req.user_ids), req.k, req.filters.to_filters())
-        n_fb = int(t.fallback.sum())
-        if n_fb:
-            metrics.fallback.inc(n_fb)
-        return _ok(request, live, {"results": [
-            {"user_id": u, "fallback": bool(t.fallback[i]), "candidates": _rows(live.retriever, t, i)}
-            for i, u in enumerate(req.user_ids)
-        ]})
+        users = list(req.user_ids)
+        routed = _per_user(users)
+        results: list[dict[str, Any] | None] = [None] * len(users)
+        # one search per bundle: users of the same variant are answered together
+        for live in {id(lv): lv for lv, _ in routed}.values():
+            idx = [i for i, (lv, _) in enumerate(routed) if lv is live]
+            t = live.retriever.topk_products([users[i] for i in idx], req.k, req.filters.to_filters())
+            n_fb = int(t.fallback.sum())
+            if n_fb:
+                metrics.fallback.inc(n_fb)
+            for row, i in enumerate(idx):
+                rows = _rows(live.retriever, t, row)
+                route = routed[i][1]
+                _log_exposure(request, live, route, users[i], rows, part=i)
+                res = {"user_id": users[i], "fallback": bool(t.fallback[row]), "candidates": rows,
+                       "bundle_version": live.version}
+                if route is not None and route.experiment:
+                    res["experiment"], res["variant"] = route.experiment, route.variant
+                results[i] = res
+        return _ok(request, state.live, {"results": results})
 
     @app.post("/v1/retrieve/sellers", tags=["retrieve"], summary="Top-k sellers for one user or session")
     async def retrieve_sellers(req: SellersIn, request: Request) -> JSONResponse:
-        live = state.live
+        live, route = state.for_user(req.user_id)
         recent = [req.recent_product_ids] if req.recent_product_ids else None
         res = live.retriever.recommend_sellers([req.user_id], req.k, recent)[0]
         if res.fallback:
@@ -361,7 +443,7 @@ def create_app(
         return _ok(request, live, {
             "user_id": req.user_id, "fallback": res.fallback,
             "sellers": [{"seller_id": s.seller_id, "score": s.score, "rank": s.rank} for s in res.sellers],
-        })
+        }, route)
 
     def _product_sellers(product_id: str, user_id: str | None, k: int, request: Request) -> JSONResponse:
         live = state.live
@@ -418,22 +500,31 @@ def create_app(
         if not state.swap_lock.acquire(blocking=False):
             return _error(409, "swap_in_progress", "another bundle swap is in progress; retry later", request)
         try:
-            old = state.live
+            name = req.variant
+            if name is not None and name not in {v.name for v in cfg.ab.variants}:
+                return _error(422, "invalid_request", f"variant: unknown A/B variant {name!r}", request,
+                              fields=[{"field": "body.variant", "message": f"unknown variant {name!r}"}])
+            old = state.variants.get(name, state.live) if name else state.live
             try:
                 new = _load_live(req.path, cfg)
             except (BundleError, RetrievalError, OSError, ValueError) as e:
                 metrics.swaps.labels("refused").inc()
                 return _error(409, "bundle_refused", f"bundle refused, still serving {old.version if old else None}: {e}",
                               request, old)
-            state.live = new
+            if name:
+                state.variants[name] = new
+            else:
+                state.live = new
             metrics.swaps.labels("ok").inc()
-            if old is not None and old.version != new.version:
+            if old is not None and old.version != new.version and name is None:
                 metrics.bundle.remove(old.version)
             metrics.bundle.labels(new.version).set(1)
         finally:
             state.swap_lock.release()
-        return _ok(request, new, {"status": "swapped", "previous_version": old.version if old else None,
-                                  "bundle_path": new.path})
+        body = {"status": "swapped", "previous_version": old.version if old else None, "bundle_path": new.path}
+        if name:
+            body["variant"] = name
+        return _ok(request, new, body)
 
     return app
 

@@ -45,8 +45,9 @@ class FakeRanker:
 
 
 class FakeRetrieval:
-    def __init__(self, fail: RetrievalClientError | None = None):
+    def __init__(self, fail: RetrievalClientError | None = None, variant: str | None = None):
         self.fail = fail
+        self.variant = variant
         self.calls: list[dict] = []
 
     def retrieve_products(self, user_id=None, k=100, filters=None, recent_product_ids=None, request_id=None):
@@ -54,8 +55,11 @@ class FakeRetrieval:
                            "request_id": request_id})
         if self.fail is not None:
             raise self.fail
-        return {"user_id": user_id, "fallback": False, "bundle_version": "bundle-v7", "candidates": CANDS[:k],
-                "request_id": request_id}
+        out = {"user_id": user_id, "fallback": False, "bundle_version": "bundle-v7", "candidates": CANDS[:k],
+               "request_id": request_id}
+        if self.variant:
+            out.update(experiment="exp1", variant=self.variant)
+        return out
 
     def request(self, method, path, **kw):
         if self.fail is not None:
@@ -118,6 +122,21 @@ def test_recommend_end_to_end_propagates_ids_and_versions() -> None:
     assert [i["product_id"] for i in b["items"]] == ["p5", "p4", "p3"]
     assert b["items"][0]["retrieval_rank"] == 6 and b["items"][0]["seller_id"] == "s-best"
     assert fr.calls[0][3] is True  # recommend lets the ranker pick each product's best offer
+
+
+def test_recommend_logs_what_it_shows_with_the_variant(tmp_path) -> None:
+    from recsys.ab.exposure_log import read_exposures
+
+    log_dir = tmp_path / "exp"
+    with client(FakeRanker(), FakeRetrieval(variant="treatment"), "ranking.candidates=6",
+                f"serve.exposure_log={log_dir}") as c:
+        b = c.post("/v1/recommend", json={"user_id": "u9", "k": 3}, headers={"X-Request-ID": "abc-1"}).json()
+        assert (b["experiment"], b["variant"]) == ("exp1", "treatment")
+    df = read_exposures(log_dir)
+    assert (log_dir / "ranking").is_dir()
+    assert df.product_id.tolist() == ["p5", "p4", "p3"] and df.position.tolist() == [1, 2, 3]
+    assert set(df.request_id) == {"abc-1"} and set(df.variant) == {"treatment"} and set(df.experiment) == {"exp1"}
+    assert set(df.ranker_version) == {"ranker-v1"} and set(df.bundle_version) == {"bundle-v7"}
 
 
 @pytest.mark.parametrize("ranker", [FakeRanker("error"), FakeRanker(delay=1.0)], ids=["failure", "timeout"])

@@ -267,3 +267,41 @@ def test_swap_under_load_on_a_live_server_has_no_failed_requests(world) -> None:
     assert all(s == 200 for s, _ in results), [s for s, _ in results if s != 200][:5]
     versions = [v for _, v in results]
     assert {"v1", "v2"} <= set(versions)
+
+
+def test_ab_variants_serve_their_bundles_and_log_exposures(world, tmp_path) -> None:
+    from recsys.ab.assignment import Assigner
+    from recsys.ab.exposure_log import read_exposures
+
+    _, run, _, second, _ = world
+    log_dir = tmp_path / "exposures"
+    cfg = tiny_cfg(f"serve.max_k={MAX_K}", f"serve.max_batch_users={MAX_BATCH}", "ab.experiment=exp1",
+                   f"ab.variants=[{{name: control, weight: 1}}, {{name: treatment, weight: 1, bundle: '{second}'}}]",
+                   f"serve.exposure_log={log_dir}")
+    users = [f"u{i}" for i in range(1, 41)]
+    expected = dict(zip(users, Assigner.from_config(cfg.ab).assign_many(users).tolist(), strict=True))
+    assert set(expected.values()) == {"control", "treatment"}
+    with TestClient(create_app(run, cfg), raise_server_exceptions=False) as c:
+        for u in users:
+            r = c.post("/v1/retrieve/products", json={"user_id": u, "k": 5}, headers={"X-Request-ID": f"r-{u}"})
+            body = _check(r)
+            assert (body["experiment"], body["variant"]) == ("exp1", expected[u])
+            assert r.headers["x-variant"] == expected[u]
+            assert body["bundle_version"] == {"control": "v1", "treatment": "v2"}[expected[u]]
+            assert r.headers["x-bundle-version"] == body["bundle_version"]
+        batch = _check(c.post("/v1/retrieve/products:batch", json={"user_ids": users[:4], "k": 3}))["results"]
+        assert [x["variant"] for x in batch] == [expected[u] for u in users[:4]]
+        assert [x["bundle_version"] for x in batch] == [{"control": "v1", "treatment": "v2"}[expected[u]] for u in users[:4]]
+        # the ranking service logs what it shows itself
+        _check(c.post("/v1/retrieve/products", json={"user_id": "u1", "k": 5}, headers={"X-Recsys-Caller": "ranking"}))
+        # a variant's bundle is swapped on its own; unknown variants are refused
+        swapped = _check(c.post("/admin/bundle", json={"path": str(second), "variant": "treatment"}))
+        assert swapped["variant"] == "treatment" and _check(c.get("/readyz"))["bundle_version"] == "v1"
+        assert _check(c.post("/admin/bundle", json={"path": str(second), "variant": "nope"}), 422)
+    df = read_exposures(log_dir)
+    heads = df.drop_duplicates("request_id")
+    assert len(heads) == len(users) + 4  # 40 single requests + 4 batch rows, none for the ranking caller
+    single = heads[heads.request_id.str.startswith("r-")]
+    assert dict(zip(single.user_id, single.variant, strict=True)) == expected
+    assert (df[df.request_id == "r-u1"].position.tolist()) == [1, 2, 3, 4, 5]
+    assert set(single.bundle_version) == {"v1", "v2"}
