@@ -1,0 +1,186 @@
+"""Two-tower training throughput on CPU (or GPU): Lightning vs a plain PyTorch loop, and the loader.
+
+    python benchmarks/bench_training.py                            # 1M users x 1M products, batch 1024 and 4096
+    python benchmarks/bench_training.py --rows 200000 --steps 30   # smaller tables, quicker
+    python benchmarks/bench_training.py --accelerator gpu          # on a GPU (bf16 mixed precision)
+
+Three measurements per batch size, all on the same pre-generated batches (history 20, ids Zipf-like):
+
+* ``minimal``: the reference loop of the issue: user id + mean of history item embeddings, item id
+  embedding, in-batch softmax, sparse embeddings + SparseAdam. Not our model: a floor for comparison.
+* ``plain``: our default model and loss (:class:`towers.lit_module.TwoTowerLightning.compute_loss`:
+  mixed in-batch + uniform negatives, logQ, accidental-hit masking) stepped by a hand-written loop.
+* ``lightning``: the same module trained by ``pl.Trainer.fit`` (manual optimisation, as ``recsys train``).
+  ``lightning / plain`` is Lightning's own overhead.
+
+and the arrow loader's rows/s over Parquet examples of the same shape (``--loader-rows``), which must
+be well above the training rate. Examples/s are measured after ``--warmup`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from recsys.config import Config, to_dict
+from towers.lit_module import TwoTowerLightning
+from towers.shapes import TowerShape
+
+
+def make_batches(n: int, batch: int, rows: int, hist: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of fabricated examples over ``rows`` users / products (Zipf-like product ids)."""
+    g = np.random.default_rng(seed)
+
+    def zipf(size):
+        return (np.minimum(g.zipf(1.2, size), rows - 1)).astype(np.int64)
+
+    out = []
+    for _ in range(n):
+        out.append({
+            "user_idx": torch.from_numpy(g.integers(1, rows, batch)),
+            "product_idx": torch.from_numpy(zipf(batch)),
+            "seller_idx": torch.from_numpy(g.integers(1, 1000, batch)),
+            "weight": torch.ones(batch),
+            "hist_products": torch.from_numpy(zipf((batch, hist))),
+            "hist_sellers": torch.from_numpy(g.integers(1, 1000, (batch, hist))),
+            "hour": torch.from_numpy(g.integers(0, 24, batch)),
+            "dow": torch.from_numpy(g.integers(0, 7, batch)),
+        })
+    return out
+
+
+class Minimal(torch.nn.Module):
+    """The reference shape: two sparse tables, user = id + mean(history), in-batch softmax."""
+
+    def __init__(self, rows: int, dim: int):
+        super().__init__()
+        self.users = torch.nn.Embedding(rows, dim, sparse=True)
+        self.items = torch.nn.Embedding(rows, dim, sparse=True)
+
+    def loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = torch.nn.functional.embedding_bag(b["hist_products"], self.items.weight, mode="mean", sparse=True)
+        u = torch.nn.functional.normalize(self.users(b["user_idx"]) + h, dim=-1)
+        v = torch.nn.functional.normalize(self.items(b["product_idx"]), dim=-1)
+        logits = u @ v.T / 0.1
+        return torch.nn.functional.cross_entropy(logits, torch.arange(len(u)))
+
+
+def _rate(fn, batches, warmup: int) -> float:
+    for b in batches[:warmup]:
+        fn(b)
+    t = time.perf_counter()
+    for b in batches[warmup:]:
+        fn(b)
+    dt = time.perf_counter() - t
+    return sum(len(b["user_idx"]) for b in batches[warmup:]) / dt
+
+
+def bench_minimal(rows: int, dim: int, batches, warmup: int) -> float:
+    m = Minimal(rows, dim)
+    opt = torch.optim.SparseAdam(list(m.parameters()), lr=0.01)
+
+    def step(b):
+        opt.zero_grad()
+        m.loss(b).backward()
+        opt.step()
+
+    return _rate(step, batches, warmup)
+
+
+def _module(rows: int, cfg: Config) -> TwoTowerLightning:
+    shape = TowerShape(n_users=rows, n_products=rows, n_sellers=1000, n_categories=1, n_brands=1,
+                       n_product_features=0, n_seller_features=0, dim=cfg.model.dim, hidden=cfg.model.hidden)
+    return TwoTowerLightning(shape.to_dict(), to_dict(cfg.train), {"history_dropout": cfg.model.history_dropout})
+
+
+def bench_plain(rows: int, cfg: Config, batches, warmup: int) -> float:
+    lit = _module(rows, cfg)
+    opts = lit.configure_optimizers()
+
+    def step(b):
+        loss, _ = lit.compute_loss(lit._augment(b))
+        for o in opts:
+            o.zero_grad()
+        loss.backward()
+        for o in opts:
+            o.step()
+
+    return _rate(step, batches, warmup)
+
+
+def bench_lightning(rows: int, cfg: Config, batches, warmup: int, accelerator: str) -> float:
+    import pytorch_lightning as pl
+
+    lit = _module(rows, cfg)
+    times: list[float] = []
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, idx):
+            if idx == warmup:
+                times.append(time.perf_counter())
+
+        def on_train_end(self, trainer, module):
+            times.append(time.perf_counter())
+
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    trainer = pl.Trainer(max_epochs=1, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, callbacks=[Clock()],
+                         precision="bf16-mixed" if accelerator == "gpu" else "32-true")
+    trainer.fit(lit, train_dataloaders=loader)
+    return sum(len(b["user_idx"]) for b in batches[warmup:]) / (times[1] - times[0])
+
+
+def bench_loader(rows: int, batch: int, hist: int) -> float:
+    from bench_loaders import fabricate  # the sibling benchmark script (its directory is on sys.path)
+
+    from data_pipelines.loaders import make_loader
+
+    with tempfile.TemporaryDirectory() as d:
+        path = fabricate(os.path.join(d, "ex"), rows, hist_min=hist, hist_max=hist)
+        loader = make_loader("arrow", path, batch_size=batch, max_history=hist, seed=0)
+        for _ in loader:  # warm the page cache
+            pass
+        t = time.perf_counter()
+        n = sum(len(b["user_idx"]) for b in loader)
+        return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the user and product tables")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--history", type=int, default=20)
+    ap.add_argument("--loader-rows", type=int, default=500_000)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
+    ap.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    cfg = Config()
+    results = []
+    for bs in a.batch_sizes:
+        batches = make_batches(a.steps + a.warmup, bs, a.rows, a.history)
+        r = {"batch_size": bs, "rows": a.rows, "history": a.history, "threads": torch.get_num_threads(),
+             "negatives": cfg.train.num_negatives}
+        if a.accelerator == "cpu":
+            r["minimal_ex_s"] = round(bench_minimal(a.rows, cfg.model.dim, batches, a.warmup))
+            r["plain_ex_s"] = round(bench_plain(a.rows, cfg, batches, a.warmup))
+        r["lightning_ex_s"] = round(bench_lightning(a.rows, cfg, batches, a.warmup, a.accelerator))
+        if "plain_ex_s" in r:
+            r["lightning_overhead_pct"] = round(100 * (r["plain_ex_s"] / r["lightning_ex_s"] - 1), 1)
+        r["loader_rows_s"] = round(bench_loader(a.loader_rows, bs, a.history))
+        results.append(r)
+        print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()
