@@ -86,3 +86,27 @@ def test_training_learns_planted_clusters(tmp_path) -> None:
     # 20 products per cluster, 10 seen: chance recall@10 is ~10/110; the clusters make it reachable.
     assert tt["recall@10"] > 0.8 > pop["recall@10"] * 3
     assert report["models"]["two_tower"]["sellers"]["recall@10"] > 0.9
+
+
+def _reference_loss(q, p, pid, t, neg, nid, pc, nc, w, valid):
+    """The loss written out naively: logits, corrections, masks, weighted cross-entropy."""
+    logits = torch.cat([q @ p.T, q @ neg.T], 1) / t - torch.cat([pc, nc]).unsqueeze(0)
+    ids = torch.cat([pid, nid])
+    B = len(q)
+    for i in range(B):
+        for j in range(logits.shape[1]):
+            if j != i and (ids[j] == pid[i] or (j < B and not valid[j])):
+                logits[i, j] = -1e9
+    per_row = torch.nn.functional.cross_entropy(logits, torch.arange(B), reduction="none")
+    ww = w * valid.float()
+    return (per_row * ww).sum() / ww.sum()
+
+
+def test_loss_with_negatives_corrections_and_invalid_rows_matches_reference() -> None:
+    g = torch.Generator().manual_seed(3)
+    q, p, neg = (torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1) for n in (6, 6, 5))
+    pid, nid = torch.tensor([1, 2, 2, 3, 4, 5]), torch.tensor([5, 6, 1, 7, 8])
+    pc, nc, w = torch.randn(6, generator=g), torch.randn(5, generator=g), torch.rand(6, generator=g)
+    valid = torch.tensor([True, True, False, True, True, True])
+    got = sampled_softmax_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, True, valid)
+    assert torch.allclose(got, _reference_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, valid), atol=1e-5)

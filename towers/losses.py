@@ -61,22 +61,35 @@ def sampled_softmax_loss(
         Scalar loss (weighted mean over valid rows).
     """
     B = query.shape[0]
-    logits = query @ pos.T / temperature  # [B, B]
+    has_neg = neg is not None and neg.shape[0] > 0
+    # One [B, B + M] matrix, built with as few passes over it as possible: the temperature scales
+    # the [B, d] queries (not the logits), candidates are concatenated before the product, and the
+    # corrections and masks are applied in place. This is the hot path of a CPU training step.
+    cands = torch.cat([pos, neg]) if has_neg else pos
+    logits = (query / temperature) @ cands.T
     if pos_correction is not None:
-        logits = logits - pos_correction.unsqueeze(0)
-    eye = torch.eye(B, dtype=torch.bool, device=query.device)
+        corr = torch.cat([pos_correction, neg_correction]) if has_neg and neg_correction is not None else pos_correction
+        if corr.shape[0] == logits.shape[1]:
+            logits.sub_(corr.unsqueeze(0))
+        else:  # corrections for the in-batch part only
+            logits[:, :B].sub_(corr.unsqueeze(0))
+    elif has_neg and neg_correction is not None:
+        logits[:, B:].sub_(neg_correction.unsqueeze(0))
+    mask = None
     if remove_accidental_hits:
-        logits = logits.masked_fill((pos_ids.unsqueeze(1) == pos_ids.unsqueeze(0)) & ~eye, _MASK)
+        ids = torch.cat([pos_ids, neg_ids]) if has_neg and neg_ids is not None else pos_ids
+        mask = pos_ids.unsqueeze(1) == ids.unsqueeze(0)
+        if ids.shape[0] < logits.shape[1]:  # negatives without ids cannot be hits
+            mask = torch.cat([mask, mask.new_zeros(B, logits.shape[1] - ids.shape[0])], 1)
     if valid is not None:
         # Rows that do not take part must not act as candidates either.
-        logits = logits.masked_fill(~valid.unsqueeze(0) & ~eye, _MASK)
-    if neg is not None and neg.shape[0] > 0:
-        nl = query @ neg.T / temperature  # [B, M]
-        if neg_correction is not None:
-            nl = nl - neg_correction.unsqueeze(0)
-        if remove_accidental_hits and neg_ids is not None:
-            nl = nl.masked_fill(pos_ids.unsqueeze(1) == neg_ids.unsqueeze(0), _MASK)
-        logits = torch.cat([logits, nl], dim=1)
+        invalid = ~valid.unsqueeze(0).expand(B, B)
+        if mask is None:
+            mask = torch.zeros_like(logits, dtype=torch.bool)
+        mask[:, :B] |= invalid
+    if mask is not None:
+        mask[:, :B].fill_diagonal_(False)  # the row's own positive is never masked
+        logits.masked_fill_(mask, _MASK)
     target = torch.arange(B, device=query.device)
     loss = F.cross_entropy(logits.float(), target, reduction="none")
     w = weights.float() if weights is not None else torch.ones_like(loss)
