@@ -101,7 +101,7 @@ class TrainConfig:
     # On a validation plateau: restore the best weights and multiply the learning rates by
     # lr_decay_factor, up to max_lr_decays times (towers/lr_schedule.py); refit replays it.
     lr_decay_factor: float = 0.1
-    lr_decay_patience: int = 1
+    lr_decay_patience: int = 2
     max_lr_decays: int = 2
     val_every_n_epochs: int = 1
     val_k: int = 20
