@@ -120,6 +120,17 @@ def curve(metrics: dict[str, Any], family: str) -> tuple[list[int], list[float]]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def read_training_logs(directory: Path) -> dict[str, list[tuple[float, float]]]:
+    """The series of a log directory: ``metrics.partN.csv`` (runs before a resume) then ``metrics.csv``;
+    a later file's value for an epoch replaces an earlier one."""
+    files = sorted(directory.glob("metrics.part*.csv"), key=lambda p: int(p.stem.split("part")[-1] or 0))
+    merged: dict[str, dict[float, float]] = {}
+    for f in [*files, directory / "metrics.csv"]:
+        for col, pts in read_training_log(f).items():
+            merged.setdefault(col, {}).update(dict(pts))
+    return {c: sorted(v.items()) for c, v in sorted(merged.items())}
+
+
 def read_training_log(path: Path) -> dict[str, list[tuple[float, float]]]:
     """Per-epoch series from Lightning's CSVLogger ``metrics.csv``: ``{column: [(epoch, value)]}`` for
     ``train/*_epoch`` (or ``train/*`` logged per epoch) and ``val/*`` columns (the last value per epoch)."""
@@ -590,7 +601,7 @@ def run(run_dir: str | Path, compare: Sequence[str | Path] = (), out_dir: str | 
             doc.table(["metric", "retrieval order", "ranker", "lift", "lift CI", "relative lift"], rows)
 
     # ---- training
-    series = read_training_log(run_dir / "logs" / "towers" / "metrics.csv")
+    series = read_training_logs(run_dir / "logs" / "towers")
     if series:
         doc.h(2, "Training curves")
         epochs = sorted({e for pts in series.values() for e, _ in pts})

@@ -50,5 +50,10 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path) -> None:
     resumed = train.run(cfg, prep, killed, resume=True, progress=False)
     info = json.loads((killed / "model" / "model.json").read_text())
     assert info["epochs_trained"] == straight["epochs"] == 6  # continued, did not start over
+    from recsys.report import read_training_logs
+
+    # the curves of the epochs before the kill are kept
+    epochs = [e for e, _ in read_training_logs(killed / "logs" / "towers")["val/recall@10"]]
+    assert epochs == [0, 1, 2, 3, 4, 5], epochs
     a, b = straight["val/recall@10"], resumed["val/recall@10"]
     assert a > 0.5 and abs(a - b) < 0.05, (a, b)

@@ -149,7 +149,14 @@ def run(
         stored = existing.read_text().split()
         if len(stored) == 2 and stored[1] == cfg_fp:
             mlf._run_id = stored[0]
-    loggers = [mlf, CSVLogger(str(run_dir), name="logs", version="towers")]
+    # One CSV log per trained model (the refit must not overwrite the selection run's curves). Lightning
+    # deletes an existing metrics.csv when it resumes, so earlier epochs are kept as metrics.partN.csv.
+    version = "towers" if out_name == "model" else f"towers_{out_name}"
+    csv_dir = run_dir / "logs" / version
+    if (csv_dir / "metrics.csv").exists():
+        n = len(list(csv_dir.glob("metrics.part*.csv")))
+        (csv_dir / "metrics.csv").rename(csv_dir / f"metrics.part{n}.csv")
+    loggers = [mlf, CSVLogger(str(run_dir), name="logs", version=version)]
     precision = cfg.train.precision
     if cfg.train.accelerator == "gpu" and precision == "32-true":
         precision = "bf16-mixed"
