@@ -84,7 +84,10 @@ class RequestContext:
                 status[0] = message["status"]
                 h = MutableHeaders(scope=message)
                 h["x-request-id"] = rid
-                h["x-ranker-version"] = self.version
+                h["x-ranker-version"] = str(state.get("ranker_version") or self.version)
+                if state.get("variant"):
+                    h["x-experiment"] = str(state.get("experiment", ""))
+                    h["x-variant"] = str(state["variant"])
                 if state.get("bundle_version"):
                     h["x-bundle-version"] = str(state["bundle_version"])
             await send(message)
@@ -108,7 +111,8 @@ def _rid(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
 
 
-def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: int | None = 1) -> FastAPI:
+def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: int | None = 1,
+               variant_rankers: dict[str, Any] | None = None) -> FastAPI:
     """The ranking API.
 
     Args:
@@ -119,6 +123,9 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
             (``/v1/recommend`` then answers 503).
         workers: threads that run the ranker (its deadline covers the wait for one).
         threads: torch intra-op threads (1 suits many concurrent small requests); None keeps them.
+        variant_rankers: A/B variant name -> ranker for the variants with their own ranker
+            (``ab.variants[].ranker``); the others use ``ranker``. ``/v1/recommend`` takes the variant
+            that retrieval assigned, ``/v1/rank`` assigns the user itself (same salted hash).
     """
     if threads is not None:
         import torch
@@ -136,6 +143,19 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
     metrics = Metrics()
     pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="ranker")
     version = str(getattr(ranker, "version", "unknown"))
+    variant_rankers = dict(variant_rankers or {})
+    assigner = None
+    if cfg.ab.experiment and cfg.ab.variants:
+        from recsys.ab.assignment import Assigner
+
+        assigner = Assigner.from_config(cfg.ab)
+
+    def ranker_for(variant: str | None, request: Request):
+        rk = variant_rankers.get(variant or "", ranker)
+        ver = str(getattr(rk, "version", "unknown"))
+        request.scope.setdefault("state", {})["ranker_version"] = ver
+        return rk, ver
+
     exposures = None
     if sv.exposure_log:
         from recsys.ab.exposure_log import ExposureLogWriter
@@ -209,10 +229,10 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
         msg = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
         return error(422, "invalid_request", f"invalid request: {msg}", request, fields)
 
-    def run_ranker(route: str, *args) -> tuple[list | None, str | None]:
+    def run_ranker(rk, route: str, *args) -> tuple[list | None, str | None]:
         """(ranked items, None) or (None, fallback reason) within the deadline."""
         t0 = time.perf_counter()
-        fut = pool.submit(ranker.rank_detailed, *args)
+        fut = pool.submit(rk.rank_detailed, *args)
         try:
             items = fut.result(timeout=timeout_s)
         except FutureTimeout:
@@ -230,7 +250,9 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
     @app.post("/v1/rank", tags=["rank"], summary="Order candidates for a user")
     def rank(req: RankIn, request: Request) -> JSONResponse:
         cands = [c.model_dump() for c in req.candidates]
-        items, reason = run_ranker("/v1/rank", req.user_id, cands, req.context.model_dump(), req.expand_offers)
+        variant = assigner.assign(req.user_id) if assigner is not None and req.user_id is not None else None
+        rk, ver = ranker_for(variant, request)
+        items, reason = run_ranker(rk, "/v1/rank", req.user_id, cands, req.context.model_dump(), req.expand_offers)
         k = req.k or len(cands)
         if items is None:
             out = [{"product_id": c["product_id"], "seller_id": c["seller_id"], "score": c["score"], "rank": i + 1,
@@ -239,9 +261,12 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
             out = [{"product_id": r.product_id, "seller_id": r.seller_id,
                     "score": r.score if math.isfinite(r.score) else None, "rank": j + 1, "input_rank": r.position + 1}
                    for j, r in enumerate(items[:k])]
-        return JSONResponse({"request_id": _rid(request), "ranker_version": version, "user_id": req.user_id,
-                             "fallback": None if items is not None else "input_order", "fallback_reason": reason,
-                             "items": out})
+        body = {"request_id": _rid(request), "ranker_version": ver, "user_id": req.user_id,
+                "fallback": None if items is not None else "input_order", "fallback_reason": reason, "items": out}
+        if variant is not None:
+            body["experiment"], body["variant"] = cfg.ab.experiment, variant
+            request.scope["state"].update(experiment=cfg.ab.experiment, variant=variant)
+        return JSONResponse(body)
 
     @app.post("/v1/recommend", tags=["rank"], summary="Retrieve (over HTTP) then rank: end-to-end recommendations")
     def recommend(req: RecommendIn, request: Request) -> JSONResponse:
@@ -266,7 +291,8 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
         bundle_version = res.get("bundle_version")
         request.scope.setdefault("state", {})["bundle_version"] = bundle_version
         cands = res.get("candidates") or []
-        items, reason = (run_ranker("/v1/recommend", req.user_id, cands, req.context.model_dump(), req.expand_offers)
+        rk, ver = ranker_for(res.get("variant"), request)
+        items, reason = (run_ranker(rk, "/v1/recommend", req.user_id, cands, req.context.model_dump(), req.expand_offers)
                          if cands else ([], None))
         if items is None:
             out = [{"product_id": c["product_id"], "seller_id": c.get("seller_id"), "score": c.get("score"),
@@ -280,16 +306,17 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
                     "price": r.price if r.price is not None else cands[r.position].get("price")}
                    for j, r in enumerate(items[: req.k])]
         body = {
-            "request_id": rid, "user_id": req.user_id, "bundle_version": bundle_version, "ranker_version": version,
+            "request_id": rid, "user_id": req.user_id, "bundle_version": bundle_version, "ranker_version": ver,
             "fallback": None if items is not None else "retrieval_order", "fallback_reason": reason,
             "retrieval_fallback": bool(res.get("fallback", False)), "items": out,
         }
         if res.get("variant"):
             body["experiment"], body["variant"] = res.get("experiment", ""), res["variant"]
+            request.scope["state"].update(experiment=body["experiment"], variant=body["variant"])
         if exposures is not None and req.user_id is not None:
             try:
                 exposures.log_exposure(rid, req.user_id, res.get("experiment", ""), res.get("variant") or "default",
-                                       out, bundle_version=bundle_version, ranker_version=version)
+                                       out, bundle_version=bundle_version, ranker_version=ver)
             except Exception:  # noqa: BLE001 - the response matters more than its exposure record
                 exposure_errors[0] += 1
                 log.exception("exposure log: could not record request %s", rid)
@@ -349,8 +376,15 @@ def serve(cfg: Config, run_dir: str | Path, retrieval_url: str, host: str | None
     from retrieval.client import RetrievalClient
 
     ranker = Ranker.load(Path(run_dir) / "ranker", bundle or run_dir)
+    variant_rankers = {}
+    for v in cfg.ab.variants if cfg.ab.experiment else ():
+        if v.ranker:
+            # a run directory (its ranker/ and bundles/CURRENT) or a ranker directory inside one
+            p = Path(v.ranker)
+            rdir, rsrc = (p / "ranker", p) if (p / "ranker").is_dir() else (p, v.bundle or p.parent)
+            variant_rankers[v.name] = Ranker.load(rdir, rsrc)
     client = RetrievalClient(retrieval_url, timeout_s=cfg.serve.request_timeout_s, retries=cfg.serve.retries,
                              caller="ranking")
-    app = create_app(ranker, cfg, client)
+    app = create_app(ranker, cfg, client, variant_rankers=variant_rankers)
     uvicorn.run(app, host=host or cfg.serve.host, port=int(port or cfg.serve.ranking_port), log_level="warning",
                 access_log=False, timeout_keep_alive=30)

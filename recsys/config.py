@@ -186,7 +186,8 @@ class ServeConfig:
 class ABVariant:
     name: str = "control"
     weight: float = 0.5
-    bundle: str = ""
+    bundle: str = ""  # retrieval bundle (or run dir) of this variant; "" = the served one
+    ranker: str = ""  # ranker run dir (or its ranker/ dir) of this variant; "" = the served one
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,25 @@ def test_recommend_logs_what_it_shows_with_the_variant(tmp_path) -> None:
     assert set(df.ranker_version) == {"ranker-v1"} and set(df.bundle_version) == {"bundle-v7"}
 
 
+def test_each_variant_is_ranked_by_its_own_ranker() -> None:
+    from recsys.ab.assignment import Assigner
+
+    cfg = load_config(None, ["serve.max_k=50", "ranking.candidates=6", "ab.experiment=exp1",
+                             "ab.variants=[{name: control, weight: 1}, {name: treatment, weight: 1}]"])
+    treat = FakeRanker()
+    treat.version = "ranker-v2"
+    c = TestClient(create_app(FakeRanker(), cfg, FakeRetrieval(variant="treatment"), variant_rankers={"treatment": treat}))
+    r = c.post("/v1/recommend", json={"user_id": "u9", "k": 3})
+    assert r.json()["ranker_version"] == "ranker-v2" and r.headers["x-ranker-version"] == "ranker-v2"
+    assert r.headers["x-variant"] == "treatment" and len(treat.calls) == 1
+    # /v1/rank assigns the user itself, with the same salted hash as retrieval
+    users = [f"u{i}" for i in range(20)]
+    want = Assigner.from_config(cfg.ab).assign_many(users).tolist()
+    got = [c.post("/v1/rank", json={"user_id": u, "candidates": CANDS}).json() for u in users]
+    assert [b["variant"] for b in got] == want
+    assert [b["ranker_version"] for b in got] == ["ranker-v2" if v == "treatment" else "ranker-v1" for v in want]
+
+
 @pytest.mark.parametrize("ranker", [FakeRanker("error"), FakeRanker(delay=1.0)], ids=["failure", "timeout"])
 def test_recommend_falls_back_to_retrieval_order(ranker) -> None:
     c = client(ranker)
