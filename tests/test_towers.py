@@ -110,3 +110,27 @@ def test_loss_with_negatives_corrections_and_invalid_rows_matches_reference() ->
     valid = torch.tensor([True, True, False, True, True, True])
     got = sampled_softmax_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, True, valid)
     assert torch.allclose(got, _reference_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, valid), atol=1e-5)
+
+
+def test_repeat_positives_are_reweighted() -> None:
+    from recsys.config import Config, to_dict
+    from towers.lit_module import TwoTowerLightning
+
+    shape = TowerShape(n_users=10, n_products=30, n_sellers=1, n_categories=1, n_brands=1, n_product_features=0,
+                       n_seller_features=0, dim=8)
+    batch = {"user_idx": torch.tensor([1, 2, 3]), "product_idx": torch.tensor([5, 6, 7]),
+             "seller_idx": torch.zeros(3, dtype=torch.long), "weight": torch.tensor([1.0, 2.0, 1.0]),
+             "hist_products": torch.tensor([[4, 5, 0], [1, 2, 3], [7, 0, 0]]),  # rows 0 and 2 are repeats
+             "hist_sellers": torch.zeros(3, 3, dtype=torch.long), "hour": torch.full((3,), -1), "dow": torch.full((3,), -1)}
+
+    def loss(repeat_weight: float, weight: torch.Tensor) -> torch.Tensor:
+        train = {**to_dict(Config().train), "repeat_weight": repeat_weight, "num_negatives": 8}
+        torch.manual_seed(0)
+        lit = TwoTowerLightning(shape.to_dict(), train, {}).eval()
+        lit._gen.manual_seed(0)
+        return lit.compute_loss({**batch, "weight": weight})[0]
+
+    only_new = loss(1.0, torch.tensor([0.0, 2.0, 0.0]))
+    assert torch.allclose(loss(0.0, batch["weight"]), only_new)
+    assert not torch.allclose(loss(1.0, batch["weight"]), only_new)
+    assert torch.allclose(loss(0.5, batch["weight"]), loss(1.0, torch.tensor([0.5, 2.0, 0.5])))

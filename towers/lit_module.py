@@ -74,6 +74,12 @@ class TwoTowerLightning(pl.LightningModule):
         m = self.model
         temp = m.temperature
         weights = batch["weight"]
+        rw = float(cfg.get("repeat_weight", 1.0))
+        if rw != 1.0:
+            # Positives already in the user's history (re-views, carts and purchases of a viewed item)
+            # teach "score what I just saw", which serving never shows (seen items are excluded).
+            repeat = (batch["hist_products"] == batch["product_idx"].unsqueeze(1)).any(1)
+            weights = torch.where(repeat, weights * rw, weights)
         u = m.user_vectors(batch)
         pid = batch["product_idx"]
         p = m.product_vectors(pid)
