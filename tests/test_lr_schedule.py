@@ -13,7 +13,7 @@ def _trainer(opt):
 
 
 def _epoch(cb, trainer, module, value):
-    cb.on_train_epoch_end(trainer, module)
+    cb.on_train_epoch_start(trainer, module)
     trainer.callback_metrics["val/recall@20"] = torch.tensor(value)
     cb.on_validation_end(trainer, module)
 
@@ -72,3 +72,35 @@ def test_replay_decays_at_recorded_epochs() -> None:
         cb.on_train_epoch_start(trainer, module)
         lrs.append(round(opt.param_groups[0]["lr"], 12))
     assert lrs == [1.0, 1.0, 0.1, 0.01, 0.01]
+
+
+def test_schedule_counts_epochs_in_a_real_trainer(tmp_path) -> None:
+    """Lightning validates before on_train_epoch_end: the recorded schedule must still count the
+    validated epoch (a refit replays it)."""
+    import pytorch_lightning as pl
+
+    class Flat(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+            self.scores = [0.1, 0.3, 0.2, 0.2, 0.25, 0.25, 0.25, 0.25, 0.25]
+
+        def training_step(self, batch, i):
+            return (self.w - 1).pow(2).sum()
+
+        def validation_step(self, batch, i):
+            self.log("val/recall@20", self.scores[self.current_epoch])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    data = torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=1)
+    cb = PlateauDecay("val/recall@20", tmp_path / "best.ckpt", factor=0.1, decay_patience=2, max_decays=1, stop_patience=2)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/recall@20", mode="max")
+    trainer = pl.Trainer(max_epochs=9, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[cb, ckpt], num_sanity_val_steps=0)
+    trainer.fit(Flat(), data, data)
+    # the 2nd epoch is the best; the 3rd and 4th do not improve -> restore and decay after 2 effective
+    # epochs; the 5th and 6th (0.25 < 0.3) do not improve either -> stop (current_epoch counts 6 done).
+    assert cb.schedule() == {"epochs": 2, "decay_at": [2], "factor": 0.1}
+    assert trainer.current_epoch == 6 and abs(trainer.optimizers[0].param_groups[0]["lr"] - 0.1) < 1e-12

@@ -56,7 +56,9 @@ class PlateauDecay(pl.Callback):
         self.best_effective = 0
         self.decay_points: list[int] = []  # effective epoch counts at which the lr was decayed
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Counted at the start: Lightning validates at the end of an epoch before on_train_epoch_end,
+        # and the validation must see this epoch counted.
         self.effective += 1
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
