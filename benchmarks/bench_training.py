@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from recsys.config import Config, to_dict
+from recsys.config import Config, load_config, to_dict
 from towers.lit_module import TwoTowerLightning
 from towers.shapes import TowerShape
 
@@ -162,15 +162,17 @@ def main() -> None:
     ap.add_argument("--loader-rows", type=int, default=500_000)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
     ap.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="config override, e.g. train.num_negatives=0 (default: the default config)")
     a = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
-    cfg = Config()
+    cfg = load_config(None, a.overrides)
     results = []
     for bs in a.batch_sizes:
         batches = make_batches(a.steps + a.warmup, bs, a.rows, a.history)
         r = {"batch_size": bs, "rows": a.rows, "history": a.history, "threads": torch.get_num_threads(),
-             "negatives": cfg.train.num_negatives}
+             "negatives": cfg.train.num_negatives, "task_weights": cfg.train.task_weights}
         if a.accelerator == "cpu":
             r["minimal_ex_s"] = round(bench_minimal(a.rows, cfg.model.dim, batches, a.warmup))
             r["plain_ex_s"] = round(bench_plain(a.rows, cfg, batches, a.warmup))
