@@ -263,6 +263,37 @@ def recall_at_k(index: faiss.Index, x: np.ndarray, queries: np.ndarray, k: int, 
     return float(np.minimum(hit.sum(1), k).mean() / k)
 
 
+def single_query_latency(index: faiss.Index, x: np.ndarray, queries: np.ndarray, k: int, s: SearchSettings,
+                         n: int = 100) -> dict[str, float]:
+    """Milliseconds per single-query search (the serving pattern) at settings ``s``, beside exact search.
+
+    One query at a time on up to ``n`` of ``queries``, in the calling thread's FAISS setting; exact
+    search is ``IndexFlatIP`` on the same vectors. Returns p50 / p99 of both and their ratio.
+    """
+    qs = np.ascontiguousarray(queries[:n], dtype=np.float32)
+    if len(qs) == 0 or x.shape[0] == 0:
+        return {}
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    k = int(min(k, x.shape[0]))
+
+    def timed(fn) -> np.ndarray:
+        fn(qs[:1])  # warm up
+        out = []
+        for i in range(len(qs)):
+            t = time.perf_counter()
+            fn(qs[i : i + 1])
+            out.append(1000 * (time.perf_counter() - t))
+        return np.asarray(out)
+
+    a = timed(lambda q: search(index, q, k, s))
+    e = timed(lambda q: exact.search(q, k))
+    return {"latency_ms_p50": round(float(np.percentile(a, 50)), 4), "latency_ms_p99": round(float(np.percentile(a, 99)), 4),
+            "exact_latency_ms_p50": round(float(np.percentile(e, 50)), 4),
+            "speedup_vs_exact_p50": round(float(np.percentile(e, 50) / max(np.percentile(a, 50), 1e-9)), 2),
+            "latency_queries": int(len(qs))}
+
+
 def _next_settings(index: faiss.Index, s: SearchSettings, k: int) -> SearchSettings | None:
     """The next, larger search setting to try, or None when every knob is at its maximum."""
     refine = _inner(index, faiss.IndexRefine)
@@ -327,6 +358,8 @@ def build_tuned(
         "settings": s.to_dict(),
         "tuning": trace,
         "build_seconds": round(build_s, 3),
+        # single-query search time at the tuned settings (what the report shows beside recall)
+        **single_query_latency(index, vectors, q, k, s),
     }
     return index, info
 

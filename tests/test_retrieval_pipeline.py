@@ -80,6 +80,7 @@ def test_index_factories_tuning_and_failures() -> None:
     cfg = tiny_cfg("retrieval.ivf_nprobe=1", "retrieval.recall_k=50").retrieval
     index, info = faiss_index.build_tuned(x, q, "IVF4096,Flat", cfg)
     assert info["factory"] == "IVF76,Flat" and info["recall"] >= 0.95
+    assert info["latency_ms_p50"] > 0 and info["exact_latency_ms_p50"] > 0 and info["latency_queries"] > 0
     assert info["settings"]["nprobe"] > 1 and len(info["tuning"]) > 1  # nprobe was raised to meet the floor
     _, info = faiss_index.build_tuned(x, q, "HNSW32", tiny_cfg("retrieval.hnsw_ef_search=16").retrieval)
     assert info["recall"] >= 0.95
