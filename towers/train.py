@@ -144,18 +144,24 @@ def run(
     existing = ckpt_dir / "mlflow_run_id.txt"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     cfg_fp = fingerprint(to_dict(cfg))
+    ckpt_path = ckpt_dir / "last.ckpt"
+    resuming = resume and ckpt_path.exists()
     if resume and existing.exists():
         # Resume into the same MLflow run only with the same config: MLflow refuses changed params.
         stored = existing.read_text().split()
         if len(stored) == 2 and stored[1] == cfg_fp:
             mlf._run_id = stored[0]
     # One CSV log per trained model (the refit must not overwrite the selection run's curves). Lightning
-    # deletes an existing metrics.csv when it resumes, so earlier epochs are kept as metrics.partN.csv.
+    # deletes an existing metrics.csv when it resumes, so the epochs before a resume are kept as
+    # metrics.partN.csv; a fresh start drops the curves of the run it replaces.
     version = "towers" if out_name == "model" else f"towers_{out_name}"
     csv_dir = run_dir / "logs" / version
-    if (csv_dir / "metrics.csv").exists():
-        n = len(list(csv_dir.glob("metrics.part*.csv")))
-        (csv_dir / "metrics.csv").rename(csv_dir / f"metrics.part{n}.csv")
+    parts = sorted(csv_dir.glob("metrics.part*.csv"))
+    if resuming and (csv_dir / "metrics.csv").exists():
+        (csv_dir / "metrics.csv").rename(csv_dir / f"metrics.part{len(parts)}.csv")
+    elif not resuming:
+        for p in parts:
+            p.unlink()
     loggers = [mlf, CSVLogger(str(run_dir), name="logs", version=version)]
     precision = cfg.train.precision
     if cfg.train.accelerator == "gpu" and precision == "32-true":
@@ -177,11 +183,10 @@ def run(
         log_every_n_steps=50,
         deterministic=False,
     )
-    ckpt_path = ckpt_dir / "last.ckpt"
     t0 = time.time()
     mlf.log_hyperparams(tracking.flatten(to_dict(cfg)))
     existing.write_text(f"{mlf.run_id} {cfg_fp}")
-    trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if (resume and ckpt_path.exists()) else None)
+    trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if resuming else None)
     train_seconds = time.time() - t0
 
     best_path = callbacks[0].best_model_path or str(ckpt_path)
