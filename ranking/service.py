@@ -36,13 +36,14 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.datastructures import MutableHeaders
 
 from recsys.config import Config
 from retrieval.common import request_id_from_scope
+from retrieval.json_response import JSONResponse
 
 log = logging.getLogger(__name__)
 BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -207,7 +208,7 @@ def create_app(ranker, cfg: Config, retrieval=None, workers: int = 2, threads: i
         if exposures is not None:
             exposures.close()
 
-    app = FastAPI(title="recsys ranking", version="1", lifespan=lifespan,
+    app = FastAPI(title="recsys ranking", version="1", lifespan=lifespan, default_response_class=JSONResponse,
                   description="DCN-v2 re-ranking of retrieved candidates, end-to-end recommendations and best-seller ranking.")
     app.state.metrics = metrics
     app.state.pool = pool

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -64,6 +64,7 @@ from recsys.ab.exposure_log import Route, VariantRouter
 from recsys.config import Config, ConfigError
 from retrieval.bundle import Bundle, BundleError, ensure_bundle, load_bundle, resolve_bundle_path
 from retrieval.common import RetrievalError, request_id_from_scope
+from retrieval.json_response import JSONResponse
 from retrieval.retriever import Filters, Retriever, UnknownItemError
 
 log = logging.getLogger(__name__)
@@ -333,6 +334,7 @@ def create_app(
 
     app = FastAPI(
         lifespan=lifespan,
+        default_response_class=JSONResponse,
         title="recsys retrieval",
         version="1",
         description="Two-tower candidate retrieval for products and sellers (FAISS), with marketplace filters.",
