@@ -16,8 +16,10 @@ No leakage, by construction:
   so retrieving their top-N is "the model as it stood at training time". Labels come only from
   their val events: per (product, seller) the strongest event (purchase > cart > view → the weights
   ``ranking.label_weights``; 0 when none). Val positives that retrieval missed are added (every offer
-  of the product, with the rank the towers really gave it, > N), except items excluded as already
-  bought.
+  of the product, with the rank the towers really gave it, > N, and ``added`` set), except items
+  excluded as already bought. The ranker never sees those rows' true rank and score: their
+  candidate features are their list's mean plus a not-retrieved flag
+  (:func:`ranking.features.candidate_features`).
 * ``test`` lists are the **test** split's users, history = train + val, labels from test events,
   and no missed positives are added (evaluation sees exactly what serving would).
 * Product / seller features are the prepared artifact's (train events only); offer features come
@@ -569,7 +571,8 @@ def load_lists(data_dir: str | Path, phase: str, n_candidates: int,
 
     offer = np.stack([np.asarray(ct[c], np.float32)[o] for c in OFFER_FEATURES], 1) if len(o) else np.zeros((0, len(OFFER_FEATURES)), np.float32)
     score = np.asarray(ct["score"], np.float32)[o]
-    cand_num = np.concatenate([offer, candidate_features(score, rank, n_candidates, clip=False)], 1)
+    added = np.asarray(ct["added"], bool)[o]
+    cand_num = np.concatenate([offer, candidate_features(score, rank, n_candidates, added, row)], 1)
     p_events = np.asarray(ct["p_events"], np.int64)[o]
     return ListData(
         user_idx=users,
@@ -585,7 +588,7 @@ def load_lists(data_dir: str | Path, phase: str, n_candidates: int,
         cand_num=grid(cand_num, np.float32),
         label=grid(np.asarray(ct["label"], np.float32)[o], np.float32),
         rank=grid(rank, np.int64),
-        added=grid(np.asarray(ct["added"], bool)[o], bool, False),
+        added=grid(added, bool, False),
         target=grid((p_events & int(target_mask)) != 0, bool, False),
         mask=grid(np.ones(len(o), bool), bool, False),
     )

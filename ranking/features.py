@@ -7,7 +7,8 @@ One implementation for both sides, so training and serving cannot drift apart:
   :class:`retrieval.marketplace.ServingTables` (the same representation a bundle loads): training
   builds those tables from the prepared artifact with ``ServingTables.write_from_prepared``.
 * **User features** (:func:`user_features`) come from the user's last ``history_window`` events.
-* **Candidate features** (:func:`candidate_features`): the retrieval score and rank.
+* **Candidate features** (:func:`candidate_features`): the retrieval score and rank, and whether the
+  row was retrieved at all (training adds the positives retrieval missed; serving never has them).
 * History-match and two-tower similarity features are computed inside the model
   (:class:`ranking.model.RankerModel`) from indexes, so they have one implementation too.
 
@@ -34,7 +35,7 @@ OFFER_FEATURES = (
     "no_offer",  # the product has no offers (seller 0 row)
 )
 USER_FEATURES = ("log_history_len", "purchase_share", "cart_share")
-CANDIDATE_FEATURES = ("retrieval_score", "retrieval_rank")
+CANDIDATE_FEATURES = ("retrieval_score", "retrieval_rank", "not_retrieved")
 # Features the model derives from indexes (documented here, computed in ranking.model).
 MODEL_FEATURES = (
     "sim_user_product", "sim_user_seller", "sim_history_product", "sim_history_seller", "sim_product_seller",
@@ -267,14 +268,39 @@ def user_features_from_types(types: np.ndarray, window: int) -> np.ndarray:
     return user_features(np.array([len(t)]), np.array([(t == PURCHASE).sum()]), np.array([(t == CART).sum()]), window)[0]
 
 
-def candidate_features(score: np.ndarray, rank: np.ndarray, n_candidates: int, clip: bool = True) -> np.ndarray:
-    """[n, 2]: the retrieval score and log1p(rank) / log1p(n_candidates) (rank 1 = best).
+def candidate_features(score: np.ndarray, rank: np.ndarray, n_candidates: int, added: np.ndarray | None = None,
+                       list_id: np.ndarray | None = None) -> np.ndarray:
+    """[n, 3]: the retrieval score, log1p(rank) / log1p(n_candidates) (rank 1 = best), not-retrieved flag.
 
-    Serving clips ranks to ``n_candidates`` (the list length the ranker was trained on); training
-    data keeps the true rank of missed positives (> N, a value serving never produces), so that
-    "added at the bottom of the list" cannot be learned as "the last retrieved item is relevant".
+    Ranks are clipped to ``n_candidates`` (the list length the ranker was trained on). Rows in
+    ``added`` are positives that retrieval missed, added to training lists: their true score and
+    rank (below everything retrieved, a value serving never produces) would teach "a low retrieval
+    score is good", so they get their list's mean retrieved score and rank feature instead and the
+    flag set to 1 (mean imputation plus a missing indicator). Serving passes no ``added``.
+
+    Args:
+        score: [n] retrieval scores.
+        rank: [n] retrieval ranks (1-based).
+        n_candidates: N.
+        added: [n] bool, rows not retrieved, or None (none).
+        list_id: [n] int, the list of each row (needed with ``added``).
+    Returns:
+        [n, len(CANDIDATE_FEATURES)] float32.
     """
-    r = np.maximum(np.asarray(rank, np.float64), 1)
-    if clip:
-        r = np.minimum(r, max(n_candidates, 1))
-    return np.stack([np.asarray(score, np.float64), np.log1p(r) / np.log1p(max(n_candidates, 1))], 1).astype(np.float32)
+    r = np.clip(np.asarray(rank, np.float64), 1, max(n_candidates, 1))
+    sc = np.asarray(score, np.float64).copy()
+    rf = np.log1p(r) / np.log1p(max(n_candidates, 1))
+    flag = np.zeros(len(sc))
+    if added is not None and np.any(added):
+        added = np.asarray(added, bool)
+        lid = np.asarray(list_id, np.int64)
+        n_lists = int(lid.max()) + 1
+        kept = ~added
+        cnt = np.bincount(lid[kept], minlength=n_lists)
+        den = np.maximum(cnt, 1)
+        mean_sc = np.bincount(lid[kept], sc[kept], minlength=n_lists) / den
+        mean_rf = np.bincount(lid[kept], rf[kept], minlength=n_lists) / den
+        sc[added] = mean_sc[lid[added]]
+        rf[added] = mean_rf[lid[added]]
+        flag[added] = 1.0
+    return np.stack([sc, rf, flag], 1).astype(np.float32)

@@ -179,7 +179,16 @@ def test_user_and_candidate_features() -> None:
     assert c[0, 0] == pytest.approx(0.5) and c[1, 1] == pytest.approx(1.0) and 0 < c[0, 1] < c[1, 1]
     beyond = candidate_features(np.array([0.0, 0.0]), np.array([500, 500]), 100)[:, 1]
     assert beyond[0] == pytest.approx(1.0)  # serving clips to the trained list length
-    assert candidate_features(np.array([0.0]), np.array([500]), 100, clip=False)[0, 1] > 1.0
+    assert (c[:, 2] == 0).all()
+    # A missed positive added to a training list looks like its list's average retrieved row, flagged,
+    # never like "the lowest score / the last rank".
+    score, rank = np.array([0.9, 0.5, 0.1, 0.8, 0.2, 0.0]), np.array([1, 2, 500, 1, 2, 700])
+    added, lists = np.array([False, False, True, False, False, True]), np.array([0, 0, 0, 1, 1, 1])
+    f = candidate_features(score, rank, 100, added, lists)
+    assert f[2, 0] == pytest.approx(0.7) and f[5, 0] == pytest.approx(0.5)
+    assert f[2, 1] == pytest.approx((f[0, 1] + f[1, 1]) / 2) and f[5, 1] == pytest.approx(f[2, 1])
+    assert f[:, 2].tolist() == [0, 0, 1, 0, 0, 1]
+    assert np.allclose(f[~added], candidate_features(score[~added], rank[~added], 100))
 
 
 def test_catalog_ranks_skip_excluded_items_and_row_zero() -> None:
