@@ -29,6 +29,9 @@ import numpy as np
 import torch
 
 from ranking.features import (
+    CANDIDATE_FEATURES,
+    OFFER_FEATURES,
+    USER_FEATURES,
     candidate_features,
     offer_table_from_serving,
     user_features_from_types,
@@ -189,6 +192,13 @@ class Ranker:
             raise RankerError(
                 f"ranker {ranker_dir} was trained with vocabulary {desc.get('vocab_fingerprint')}, bundle {bpath} has "
                 f"{bman.get('vocab_fingerprint')}: they come from different prepared artifacts"
+            )
+        current = {"offer": list(OFFER_FEATURES), "user": list(USER_FEATURES), "candidate": list(CANDIDATE_FEATURES)}
+        saved = {k: v for k, v in desc.get("features", {}).items() if k in current}
+        if saved != current:
+            raise RankerError(
+                f"ranker {ranker_dir} was trained on features {saved}, this code computes {current}: "
+                "retrain it with `recsys train-ranker --run RUN_DIR`"
             )
         model = RankerModel(RankerShape.from_dict(desc["shape"]))
         model.load_state_dict(torch.load(ranker_dir / WEIGHTS, map_location="cpu", weights_only=True))

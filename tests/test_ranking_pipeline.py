@@ -165,6 +165,11 @@ def test_scorer_ranks_real_candidates_and_best_sellers(world) -> None:
     (other / "ranker.json").write_text(json.dumps(bad))
     with pytest.raises(RankerError, match="vocabulary"):
         Ranker.load(other, run, verify=False)
+    old = json.loads((run / "ranker" / "ranker.json").read_text())
+    old["features"]["candidate"] = ["retrieval_score", "retrieval_rank"]  # a ranker from before not_retrieved
+    (other / "ranker.json").write_text(json.dumps(old))
+    with pytest.raises(RankerError, match="retrain"):
+        Ranker.load(other, run, verify=False)
     code = (
         "import sys, json\n"
         "from ranking.scorer import Ranker\n"
