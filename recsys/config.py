@@ -93,11 +93,6 @@ class TrainConfig:
     # next new item: on the synthetic marketplace 0.0 lifted test Recall@20 from 0.149 to 0.191.
     repeat_weight: float = 0.0
     remove_accidental_hits: bool = True
-    # softmax: sampled softmax with logQ correction; ccl: cosine contrastive loss (SimpleX) with
-    # ccl_margin and ccl_negative_weight over the same candidates (logQ does not apply to it).
-    loss: str = "softmax"
-    ccl_margin: float = 0.9
-    ccl_negative_weight: float = 150.0
     task_weights: dict[str, float] = field(
         default_factory=lambda: {"user_product": 1.0, "user_seller": 0.3, "product_seller": 0.3}
     )

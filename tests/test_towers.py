@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recsys.config import load_config
-from towers.losses import cosine_contrastive_loss, log_expected_count, sampled_softmax_loss
+from towers.losses import log_expected_count, sampled_softmax_loss
 from towers.metrics import hits_matrix, ranking_metrics
 from towers.shapes import TowerShape
 from towers.two_tower import TwoTowerModel
@@ -110,37 +110,6 @@ def test_loss_with_negatives_corrections_and_invalid_rows_matches_reference() ->
     valid = torch.tensor([True, True, False, True, True, True])
     got = sampled_softmax_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, True, valid)
     assert torch.allclose(got, _reference_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, valid), atol=1e-5)
-
-
-def test_cosine_contrastive_loss_matches_reference() -> None:
-    g = torch.Generator().manual_seed(4)
-    q, p, neg = (torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1) for n in (5, 5, 4))
-    pid, nid = torch.tensor([1, 2, 2, 3, 4]), torch.tensor([4, 6, 1, 7])
-    w = torch.rand(5, generator=g)
-    valid = torch.tensor([True, False, True, True, True])
-    margin, nw = 0.1, 3.0
-    got = cosine_contrastive_loss(q, p, pid, margin, nw, neg, nid, w, True, valid)
-    cands, ids = torch.cat([p, neg]), torch.cat([pid, nid])
-    rows = []
-    for i in range(5):
-        negs = [float(q[i] @ cands[j]) for j in range(len(ids))
-                if j != i and ids[j] != pid[i] and not (j < 5 and not valid[j])]
-        rows.append(1 - float(q[i] @ p[i]) + nw * sum(max(0.0, c - margin) for c in negs) / len(negs))
-    ww = w * valid.float()
-    assert abs(float(got) - float((torch.tensor(rows) * ww).sum() / ww.sum())) < 1e-5
-    # A well-separated answer costs nothing beyond its own distance from 1.
-    e = torch.eye(3)
-    assert float(cosine_contrastive_loss(e, e, torch.tensor([1, 2, 3]), 0.5, 10.0)) == pytest.approx(0.0, abs=1e-6)
-
-
-def test_unknown_loss_is_refused() -> None:
-    from recsys.config import Config, to_dict
-    from towers.lit_module import TwoTowerLightning
-
-    shape = TowerShape(n_users=3, n_products=4, n_sellers=1, n_categories=1, n_brands=1, n_product_features=0,
-                       n_seller_features=0, dim=4)
-    with pytest.raises(ValueError, match="train.loss"):
-        TwoTowerLightning(shape.to_dict(), {**to_dict(Config().train), "loss": "bpr"}, {})
 
 
 def test_repeat_positives_are_reweighted() -> None:

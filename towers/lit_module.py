@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from towers.full_ranking import topk_excluding
-from towers.losses import cosine_contrastive_loss, log_expected_count, sampled_softmax_loss, uniform_negatives
+from towers.losses import log_expected_count, sampled_softmax_loss, uniform_negatives
 from towers.metrics import hits_matrix, ranking_metrics
 from towers.shapes import TowerShape
 from towers.two_tower import TwoTowerModel
@@ -35,8 +35,6 @@ class TwoTowerLightning(pl.LightningModule):
         self.automatic_optimization = False
         self.tshape = TowerShape(**shape)
         self.train_cfg = train
-        if train.get("loss", "softmax") not in ("softmax", "ccl"):
-            raise ValueError(f"train.loss must be 'softmax' or 'ccl', got {train.get('loss')!r}")
         self.model = TwoTowerModel(self.tshape)
         self.register_buffer("product_logq", torch.full((self.tshape.n_products,), -math.log(max(self.tshape.n_products, 1))))
         self.register_buffer("seller_logq", torch.full((self.tshape.n_sellers,), -math.log(max(self.tshape.n_sellers, 1))))
@@ -70,14 +68,6 @@ class TwoTowerLightning(pl.LightningModule):
                 b["hist_sellers"] = b["hist_sellers"].masked_fill(drop, 0)
         return b
 
-    def _task_loss(self, q, pos, pos_ids, temp, neg, neg_ids, pc, nc, weights, hits, valid=None) -> torch.Tensor:
-        """One task's loss by ``train.loss``: sampled softmax (logQ-corrected) or cosine contrastive."""
-        if self.train_cfg.get("loss", "softmax") == "ccl":
-            margin = float(self.train_cfg.get("ccl_margin", 0.9))
-            nw = float(self.train_cfg.get("ccl_negative_weight", 150.0))
-            return cosine_contrastive_loss(q, pos, pos_ids, margin, nw, neg, neg_ids, weights, hits, valid)
-        return sampled_softmax_loss(q, pos, pos_ids, temp, neg, neg_ids, pc, nc, weights, hits, valid)
-
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of the task losses for one batch. Returns (loss, per-task losses)."""
         cfg = self.train_cfg
@@ -102,8 +92,11 @@ class TwoTowerLightning(pl.LightningModule):
         if use_logq:
             pc = log_expected_count(self.product_logq[pid], B, len(neg_ids), self.tshape.n_products - 1)
             nc = log_expected_count(self.product_logq[neg_ids], B, len(neg_ids), self.tshape.n_products - 1)
-        task_loss = self._task_loss
-        parts = {"user_product": task_loss(u, p, pid, temp, m.product_vectors(neg_ids), neg_ids, pc, nc, weights, hits)}
+        parts = {
+            "user_product": sampled_softmax_loss(
+                u, p, pid, temp, m.product_vectors(neg_ids), neg_ids, pc, nc, weights, hits
+            )
+        }
         tw = cfg["task_weights"]
         sid = batch["seller_idx"]
         valid = sid > 0
@@ -117,11 +110,11 @@ class TwoTowerLightning(pl.LightningModule):
                 snc = log_expected_count(self.seller_logq[sneg], B, Ms, self.tshape.n_sellers - 1)
             sv = m.seller_vectors(sneg)
             if tw.get("user_seller", 0) > 0:
-                parts["user_seller"] = task_loss(u, s, sid, temp, sv, sneg, sc, snc, weights, hits, valid)
+                parts["user_seller"] = sampled_softmax_loss(u, s, sid, temp, sv, sneg, sc, snc, weights, hits, valid)
             if tw.get("product_seller", 0) > 0:
                 # Which of the sellers does a buyer of this product choose: no popularity correction,
                 # seller popularity is part of the answer here.
-                parts["product_seller"] = task_loss(p, s, sid, temp, sv, sneg, None, None, weights, hits, valid)
+                parts["product_seller"] = sampled_softmax_loss(p, s, sid, temp, sv, sneg, None, None, weights, hits, valid)
         loss = sum(float(tw.get(k, 1.0)) * v for k, v in parts.items())
         return loss, parts
 

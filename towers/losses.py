@@ -98,60 +98,6 @@ def sampled_softmax_loss(
     return (loss * w).sum() / w.sum().clamp_min(1e-8)
 
 
-def cosine_contrastive_loss(
-    query: torch.Tensor,
-    pos: torch.Tensor,
-    pos_ids: torch.Tensor,
-    margin: float,
-    negative_weight: float,
-    neg: torch.Tensor | None = None,
-    neg_ids: torch.Tensor | None = None,
-    weights: torch.Tensor | None = None,
-    remove_accidental_hits: bool = True,
-    valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Cosine contrastive loss (SimpleX, Mao et al. 2021) over the same candidates as the softmax.
-
-    Per row: ``(1 - cos(q, pos)) + negative_weight * mean_j relu(cos(q, neg_j) - margin)``, the
-    mean over the in-batch candidates and ``neg`` that are not the row's positive. Only negatives
-    scoring above the margin contribute, so the many easy uniform negatives cost no gradient.
-
-    Args:
-        query: [B, d] unit vectors.
-        pos: [B, d] unit vectors of the positives.
-        pos_ids: [B] ids of the positives.
-        margin: cosine above which a negative is penalised.
-        negative_weight: weight of the negative term relative to the positive one.
-        neg: [M, d] unit vectors of uniform negatives, or None.
-        neg_ids: [M] ids of the negatives.
-        weights: [B] example weights, or None.
-        remove_accidental_hits: drop candidates whose id equals the row's positive id.
-        valid: [B] bool, rows that take part, or None.
-
-    Returns:
-        Scalar loss (weighted mean over valid rows).
-    """
-    B = query.shape[0]
-    has_neg = neg is not None and neg.shape[0] > 0
-    cands = torch.cat([pos, neg]) if has_neg else pos
-    cos = query @ cands.T
-    pos_cos = cos.diagonal().clone()
-    keep = torch.ones_like(cos, dtype=torch.bool)
-    keep[:, :B].fill_diagonal_(False)
-    if remove_accidental_hits:
-        ids = torch.cat([pos_ids, neg_ids]) if has_neg and neg_ids is not None else pos_ids
-        hit = pos_ids.unsqueeze(1) == ids.unsqueeze(0)
-        keep[:, : ids.shape[0]] &= ~hit
-    if valid is not None:
-        keep[:, :B] &= valid.unsqueeze(0)
-    neg_term = (F.relu(cos.float() - margin) * keep).sum(1) / keep.sum(1).clamp_min(1)
-    loss = (1.0 - pos_cos.float()) + negative_weight * neg_term
-    w = weights.float() if weights is not None else torch.ones_like(loss)
-    if valid is not None:
-        w = w * valid.float()
-    return (loss * w).sum() / w.sum().clamp_min(1e-8)
-
-
 def uniform_negatives(n: int, n_items: int, generator: torch.Generator | None, device) -> torch.Tensor:
     """``n`` ids drawn uniformly from 1..n_items-1 (0 is the unknown row). Returns [n] int64."""
     if n_items <= 1 or n <= 0:
@@ -160,4 +106,4 @@ def uniform_negatives(n: int, n_items: int, generator: torch.Generator | None, d
     return ids.to(device)
 
 
-__all__ = ["cosine_contrastive_loss", "log_expected_count", "sampled_softmax_loss", "uniform_negatives"]
+__all__ = ["log_expected_count", "sampled_softmax_loss", "uniform_negatives"]
