@@ -276,6 +276,7 @@ class FilterState:
     _allowed: np.ndarray | None = None
     _bitmap: np.ndarray | None = None
     _sub: np.ndarray | None = None
+    _bias: np.ndarray | None = None
     extra: dict = field(default_factory=dict)  # per-state caches of the retriever (e.g. popular lists)
 
     def allowed(self) -> np.ndarray:
@@ -289,10 +290,17 @@ class FilterState:
             self._bitmap = np.packbits(self.mask, bitorder="little")
         return self._bitmap
 
+    def bias(self) -> np.ndarray:
+        """[P] float32: 0 where allowed, -inf elsewhere (added to a score row: far cheaper than a masked store)."""
+        if self._bias is None:
+            allowed = self.mask if self.mask is not None else np.ones(len(self.best_seller), bool)
+            self._bias = np.where(allowed, np.float32(0), np.float32(-np.inf)).astype(np.float32)
+        return self._bias
+
     @property
     def nbytes(self) -> int:
         """Memory held by this state (for the cache's byte budget)."""
-        arrays = (self.mask, self._allowed, self._bitmap, self._sub)
+        arrays = (self.mask, self._allowed, self._bitmap, self._sub, self._bias)
         own = sum(a.nbytes for a in arrays if a is not None)
         return own + (self.best_seller.nbytes + self.best_price.nbytes if self.mask is not None else 0)
 

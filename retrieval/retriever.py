@@ -425,7 +425,7 @@ class Retriever:
         """
         R = len(Q)
         if full and fs.mask is not None and R <= SMALL_BATCH and fs.n_allowed > SUBSET_MAX:
-            allowed, V, banned = None, self.vectors, ~fs.mask
+            allowed, V, banned = None, self.vectors, fs.bias()
         else:
             allowed = fs.allowed()
             V, banned = fs.sub_vectors(self.vectors, cache=len(allowed) <= SUBSET_MAX), None
@@ -447,7 +447,7 @@ class Retriever:
                 else:
                     S = Q[t] @ V.T
                     if banned is not None:
-                        S[:, banned] = -np.inf
+                        S += banned  # -inf on the disallowed positions
                     if mm < A:
                         part = np.argpartition(-S, mm - 1, axis=1)[:, :mm]
                         part.sort(axis=1)  # ties keep position order
