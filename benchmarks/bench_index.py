@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.faiss_index import SearchSettings, adapt_factory, build_index, search  # noqa: E402
+from retrieval.faiss_index import SearchSettings, adapt_factory, build_index, exact_index, recall_from, search  # noqa: E402
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -52,13 +52,6 @@ def make_data(n: int, d: int, nq: int, clustered: bool, seed: int) -> tuple[np.n
         return out
 
     return draw(n), draw(nq)
-
-
-def recall(Ia: np.ndarray, xb: np.ndarray, xq: np.ndarray, De: np.ndarray, k: int) -> float:
-    valid = Ia >= 0
-    true = np.einsum("qd,qkd->qk", xq, xb[np.where(valid, Ia, 0)])
-    hit = valid & (true >= De[:, k - 1 : k] - 1e-5)
-    return float(np.minimum(hit.sum(1), k).mean() / k)
 
 
 def timed_single(index, xq: np.ndarray, k: int, s: SearchSettings, budget_s: float) -> tuple[float, np.ndarray]:
@@ -113,8 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     k = min(args.k, args.n)
     faiss.omp_set_num_threads(args.build_threads or faiss.omp_get_max_threads())
     t0 = time.time()
-    exact = faiss.IndexFlatIP(args.d)
-    exact.add(xb)
+    exact = exact_index(xb)
     De, _ = exact.search(xq, k)
     print(f"data: n={args.n} d={args.d} queries={len(xq)} k={k} clustered={not args.random} "
           f"(ground truth {time.time() - t0:.1f}s)", flush=True)
@@ -126,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         with _blas_threads(args.threads):  # FAISS's OpenBLAS has its own thread pool
             qps1, I1 = timed_single(index, xq, k, s, args.single_budget_s)
             qpsb, Ib = timed_batch(index, xq, k, s, args.batch)
-        r = recall(Ib, xb, xq, De, k)
+        r = recall_from(Ib, xb, xq, De[:, k - 1 : k])
         row = {"index": name, "recall": round(r, 4), "single_qps": round(qps1, 1), "batch_qps": round(qpsb, 1),
                "build_s": round(build_s, 1), **{kk: v for kk, v in s.to_dict().items() if v}}
         rows.append(row)

@@ -247,35 +247,50 @@ def search(
 # ---------------------------------------------------------------------------------------------- recall
 
 
-def recall_at_k(index: faiss.Index, x: np.ndarray, queries: np.ndarray, k: int, s: SearchSettings) -> float:
-    """Mean fraction of the exact top-k found (an item tying the k-th exact score counts as found)."""
+def recall_from(found: np.ndarray, x: np.ndarray, queries: np.ndarray, kth: np.ndarray) -> float:
+    """Mean fraction of the exact top-k found by ``found`` [q, k] (positions, -1 none), given each
+    query's exact k-th best score ``kth`` [q, 1]; an item tying the k-th exact score counts as found."""
+    k = found.shape[1]
+    valid = found >= 0
+    true = np.einsum("qd,qkd->qk", queries, x[np.where(valid, found, 0)])
+    hit = valid & (true >= kth - 1e-5)
+    return float(np.minimum(hit.sum(1), k).mean() / k)
+
+
+def exact_index(x: np.ndarray) -> faiss.Index:
+    """Exact inner-product search over ``x`` (the ground truth of recall and latency comparisons)."""
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    return exact
+
+
+def recall_at_k(index: faiss.Index, x: np.ndarray, queries: np.ndarray, k: int, s: SearchSettings,
+                exact_kth: np.ndarray | None = None) -> float:
+    """Mean fraction of the exact top-k found (an item tying the k-th exact score counts as found).
+
+    ``exact_kth`` [q, 1]: each query's exact k-th best score when already known (else computed).
+    """
     n = x.shape[0]
     k = int(min(k, n))
     if k == 0 or len(queries) == 0:
         return 1.0
-    exact = faiss.IndexFlatIP(x.shape[1])
-    exact.add(x)
-    De, _ = exact.search(queries, k)
+    if exact_kth is None:
+        exact_kth = exact_index(x).search(queries, k)[0][:, -1:]
     _, Ia = search(index, queries, k, s)
-    valid = Ia >= 0
-    true = np.einsum("qd,qkd->qk", queries, x[np.where(valid, Ia, 0)])
-    hit = valid & (true >= De[:, -1:] - 1e-5)
-    return float(np.minimum(hit.sum(1), k).mean() / k)
+    return recall_from(Ia, x, queries, exact_kth)
 
 
-def single_query_latency(index: faiss.Index, x: np.ndarray, queries: np.ndarray, k: int, s: SearchSettings,
+def single_query_latency(index: faiss.Index, exact: faiss.Index, queries: np.ndarray, k: int, s: SearchSettings,
                          n: int = 100) -> dict[str, float]:
     """Milliseconds per single-query search (the serving pattern) at settings ``s``, beside exact search.
 
-    One query at a time on up to ``n`` of ``queries``, in the calling thread's FAISS setting; exact
-    search is ``IndexFlatIP`` on the same vectors. Returns p50 / p99 of both and their ratio.
+    One query at a time on up to ``n`` of ``queries``, in the calling thread's FAISS setting;
+    ``exact`` is :func:`exact_index` of the same vectors. Returns p50 / p99 of both and their ratio.
     """
     qs = np.ascontiguousarray(queries[:n], dtype=np.float32)
-    if len(qs) == 0 or x.shape[0] == 0:
+    if len(qs) == 0 or exact.ntotal == 0:
         return {}
-    exact = faiss.IndexFlatIP(x.shape[1])
-    exact.add(x)
-    k = int(min(k, x.shape[0]))
+    k = int(min(k, exact.ntotal))
 
     def timed(fn) -> np.ndarray:
         fn(qs[:1])  # warm up
@@ -329,9 +344,11 @@ def build_tuned(
     s = default_settings(index, cfg)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     k = int(min(cfg.recall_k, n))
+    exact = exact_index(vectors)  # one ground truth for every tuning step and the latency comparison
+    kth = exact.search(q, k)[0][:, -1:] if k > 0 and len(q) else None
     trace = []
     while True:
-        r = recall_at_k(index, vectors, q, k, s)
+        r = recall_at_k(index, vectors, q, k, s, kth)
         trace.append({**s.to_dict(), "recall": round(r, 5)})
         if r >= cfg.recall_floor:
             break
@@ -359,7 +376,7 @@ def build_tuned(
         "tuning": trace,
         "build_seconds": round(build_s, 3),
         # single-query search time at the tuned settings (what the report shows beside recall)
-        **single_query_latency(index, vectors, q, k, s),
+        **single_query_latency(index, exact, q, k, s),
     }
     return index, info
 

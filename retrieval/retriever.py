@@ -425,10 +425,10 @@ class Retriever:
         """
         R = len(Q)
         if full and fs.mask is not None and R <= SMALL_BATCH and fs.n_allowed > SUBSET_MAX:
-            allowed, V, banned = None, self.vectors, fs.bias()
+            allowed, V, bias = None, self.vectors, fs.bias()
         else:
             allowed = fs.allowed()
-            V, banned = fs.sub_vectors(self.vectors, cache=len(allowed) <= SUBSET_MAX), None
+            V, bias = fs.sub_vectors(self.vectors, cache=len(allowed) <= SUBSET_MAX), None
         A = len(V)
         limit = fs.n_allowed
         pos = np.full((R, k), -1, np.int64)
@@ -446,8 +446,8 @@ class Retriever:
                     top = top.astype(np.int64)
                 else:
                     S = Q[t] @ V.T
-                    if banned is not None:
-                        S += banned  # -inf on the disallowed positions
+                    if bias is not None:
+                        S += bias  # -inf on the disallowed positions
                     if mm < A:
                         part = np.argpartition(-S, mm - 1, axis=1)[:, :mm]
                         part.sort(axis=1)  # ties keep position order
@@ -457,7 +457,7 @@ class Retriever:
                         top = np.argsort(-S, axis=1, kind="stable")
                     Dd = np.take_along_axis(S, top, 1)
                 C = allowed[top] if allowed is not None else top
-                p, sco, c = _select(C, Dd, rows[t], fs.mask if banned is not None else None, ex_keys, self.P, cap,
+                p, sco, c = _select(C, Dd, rows[t], fs.mask if bias is not None else None, ex_keys, self.P, cap,
                                     fs.best_seller, k)
                 pos[t], sc[t], cnt[t] = p, sco, c
             if mm >= limit:
