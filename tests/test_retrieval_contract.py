@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import faiss
 import numpy as np
 import pytest
 
@@ -283,3 +284,46 @@ def test_offer_policy_and_product_sellers(random_world) -> None:
     assert "p7" not in [c.product_id for c in sim] and len(sim) == 5
     order = np.argsort(-(products @ products[6]), kind="stable")
     assert [c.product_id for c in sim] == [f"p{i + 1}" for i in order if i != 6][:5]
+
+
+def test_automatic_ann_index_on_a_clustered_catalog_under_every_filter() -> None:
+    """The automatic choice above FLAT_BELOW (IVF + 4-bit fast-scan PQ + exact refine) on a clustered catalog.
+
+    Under every filter and both search paths: exactly min(k, allowed) products, each passing the filters
+    and not bought, distinct, with exact scores in descending order, and recall against the brute-force
+    answer at least the build's recall floor.
+    """
+    rng = np.random.default_rng(7)
+    n, d, n_users = 12_000, 32, 12
+    centers = _unit(rng.normal(size=(150, d)))
+    products = _unit(centers[rng.integers(0, 150, n)] + rng.normal(scale=0.6 / np.sqrt(d), size=(n, d)))
+    users = _unit(centers[rng.integers(0, 150, n_users)] + rng.normal(scale=0.6 / np.sqrt(d), size=(n_users, d)))
+    bought = {1: [int(x) for x in np.argsort(-(products @ users[0]))[:30] + 1], 2: [5, 6, 7]}
+    tables = _tables(rng, n, bought)
+    factory = faiss_index.choose_factory(faiss_index.FLAT_BELOW, d)
+    assert "PQ" in factory and "RFlat" in factory
+    b = _bundle(products, users, tables, factory)
+    assert "IVF" in type(faiss.downcast_index(b.product_index.base_index)).__name__
+    cat_ids = {str(c): int(i) for c, i in zip(*b.categories, strict=True)}
+    uids = [f"u{i}" for i in range(1, n_users + 1)]
+    for subset_search in (True, False):
+        r = Retriever(b, load_config(None).retrieval)
+        if not subset_search:
+            r.exact_below, r.selective_fraction = 0, 0.0
+        for f in CASES:
+            allowed = {pos for pos, _ in _allowed(b, f, cat_ids)}
+            hits = wanted = 0
+            for i, res in enumerate(r.recommend_products(uids, 50, f)):
+                want = _oracle(b, users[i], i + 1, 50, f, cat_ids)
+                ids = [c.product_id for c in res.candidates]
+                pos = np.array([int(x[1:]) - 1 for x in ids], np.int64)
+                assert len(ids) == len(want) and len(set(ids)) == len(ids), (f, i, subset_search)
+                assert set(pos.tolist()) <= allowed, (f, i)
+                if f.exclude_bought:
+                    assert not set((pos + 1).tolist()) & set(bought.get(i + 1, [])), (f, i)
+                scores = np.array([c.score for c in res.candidates])
+                assert np.allclose(scores, products[pos] @ users[i], atol=1e-5)
+                assert np.all(np.diff(scores) <= 1e-6)
+                hits += len(set(ids) & set(want))
+                wanted += len(want)
+            assert hits >= 0.95 * wanted, (f, subset_search, hits, wanted)

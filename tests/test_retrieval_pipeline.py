@@ -74,7 +74,8 @@ def test_index_factories_tuning_and_failures() -> None:
     q = x[rng.choice(3000, 100, replace=False)] + 0.1 * rng.normal(size=(100, 16)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     assert faiss_index.choose_factory(10_000, 64) == "Flat"
-    assert faiss_index.choose_factory(1_000_000, 64) == "HNSW32"
+    assert faiss_index.choose_factory(60_000, 64) == "IVF1024,PQ32x4fs,RFlat"
+    assert faiss_index.choose_factory(1_000_000, 64) == "IVF4096,PQ32x4fs,RFlat"
     assert faiss_index.choose_factory(4_000_000, 64) == "IVF8192,PQ32x4fs,RFlat"
     assert faiss_index.adapt_factory("IVF4096,PQ32x4fs,RFlat", 3000) == "IVF76,PQ32x4fs,RFlat"
     cfg = tiny_cfg("retrieval.ivf_nprobe=1", "retrieval.recall_k=50").retrieval
