@@ -14,6 +14,8 @@ Plain ``nn.Module`` (no Lightning), shared by training (``ranking.lit_module``) 
 
 The two-tower tables and catalog features are frozen buffers (saved with the weights, so a ranker
 directory is self-contained). ``cross_rank`` > 0 uses the low-rank cross layer of DCN-v2.
+``retrieval_prior`` > 0 makes the ranker residual: it starts from the towers' logit (retrieval order)
+and learns what to change, which matters when the val period gives only a few hundred lists.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class RankerShape:
     cross_rank: int = 0  # 0 = full-rank cross matrices
     hidden: tuple[int, ...] = (256, 128)
     dropout: float = 0.1
+    # > 0: the logit is ``retrieval_prior * retrieval_score + network(x)`` with the network's output
+    # layer starting at zero, so an untrained ranker keeps retrieval's order and training learns a
+    # correction (the prior stays learnable). Set to 1 / model.temperature: the towers' own logit.
+    retrieval_prior: float = 0.0
 
     @property
     def n_cand_num(self) -> int:
@@ -139,6 +145,11 @@ class RankerModel(nn.Module):
             prev = h
         self.mlp = nn.Sequential(*layers)
         self.out = nn.Linear(prev, 1)
+        self.prior = None
+        if s.retrieval_prior > 0:
+            self.prior = nn.Parameter(torch.tensor(float(s.retrieval_prior)))
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     # ------------------------------------------------------------------------------------ tables
 
@@ -232,4 +243,8 @@ class RankerModel(nn.Module):
         x = x0
         for layer in self.cross:
             x = layer(x0, x)
-        return self.out(self.mlp(x)).squeeze(-1)
+        logits = self.out(self.mlp(x)).squeeze(-1)
+        if self.prior is not None:
+            score = batch["cand_num"][..., self.shape.n_offer_features + CANDIDATE_FEATURES.index("retrieval_score")]
+            logits = logits + self.prior * score.to(logits.dtype)
+        return logits

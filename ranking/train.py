@@ -56,6 +56,7 @@ def ranker_shape(cfg: Config, catalog, dim: int) -> RankerShape:
         cross_layers=int(cfg.ranking.cross_layers),
         hidden=tuple(int(h) for h in cfg.ranking.hidden),
         dropout=float(cfg.model.dropout),
+        retrieval_prior=1.0 / float(cfg.model.temperature) if cfg.ranking.residual else 0.0,
     )
 
 

@@ -167,6 +167,10 @@ class RankingConfig:
     batch_size: int = 256
     lr: float = 0.001
     max_train_users: int = 50000
+    # Learn a correction to the towers' logit (retrieval score / model.temperature) instead of a
+    # score from scratch: an untrained ranker keeps retrieval order (ranking.model.RankerShape).
+    # Off by default: on the small preset it did not beat the plain ranker (README "Results").
+    residual: bool = False
     bootstrap_samples: int = 1000
     seed: int = 5
 

@@ -71,6 +71,26 @@ def test_shapes_forward_frozen_tables_and_row_independence() -> None:
     assert RankerModel(low)(b).shape == (2, 5) and RankerShape.from_dict(low.to_dict()) == low
 
 
+def test_residual_ranker_starts_at_retrieval_order_and_learns_a_correction() -> None:
+    """retrieval_prior > 0: before training the logit is prior * retrieval score, a change of the
+    network moves it, and a shape saved without the field loads as a plain ranker."""
+    torch.manual_seed(0)
+    shape = RankerShape.from_dict({**SHAPE.to_dict(), "retrieval_prior": 10.0})
+    m = RankerModel(shape)
+    m.set_tables(**_tables(shape))
+    b = _batch(3, 7)
+    score = b["cand_num"][..., len(OFFER_FEATURES) + CANDIDATE_FEATURES.index("retrieval_score")]
+    out = m(b)
+    assert torch.allclose(out, 10.0 * score, atol=1e-6)
+    out.sum().backward()
+    assert m.prior.grad is not None and m.out.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        m.out.bias.fill_(0.5)
+        assert torch.allclose(m(b), 10.0 * score + 0.5, atol=1e-5)
+    old = {k: v for k, v in SHAPE.to_dict().items() if k != "retrieval_prior"}
+    assert RankerShape.from_dict(old).retrieval_prior == 0.0 and RankerModel(RankerShape.from_dict(old)).prior is None
+
+
 def test_listwise_loss_known_value() -> None:
     logits = torch.tensor([[0.0, math.log(2.0), 5.0], [1.0, 2.0, 3.0]])
     labels = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
@@ -118,8 +138,10 @@ def planted_lists(n_lists: int, C: int, shape: RankerShape, seed: int) -> ListDa
     )
 
 
-@pytest.mark.parametrize("loss", ["listwise", "pointwise"])
-def test_ranker_learns_planted_offer_signal_and_beats_retrieval_order(tmp_path, monkeypatch, loss) -> None:
+@pytest.mark.parametrize(("loss", "prior"), [("listwise", 0.0), ("pointwise", 0.0), ("listwise", 10.0)])
+def test_ranker_learns_planted_offer_signal_and_beats_retrieval_order(tmp_path, monkeypatch, loss, prior) -> None:
+    """The planted signal contradicts nothing in retrieval order (random): a residual ranker, which
+    starts at retrieval order, must learn to leave it as well."""
     from ranking import train
     from ranking.evaluate import evaluate_lists, score_lists
     from ranking.train import fit_lists
@@ -128,7 +150,7 @@ def test_ranker_learns_planted_offer_signal_and_beats_retrieval_order(tmp_path, 
 
     cfg = load_config(None, [f"ranking.loss={loss}", "ranking.epochs=4", "ranking.batch_size=32", "ranking.lr=0.01",
                              "ranking.hidden=[32, 16]", "ranking.cross_layers=2", "ranking.seed=3"])
-    shape = RankerShape.from_dict({**SHAPE.to_dict(), "hidden": [32, 16]})
+    shape = RankerShape.from_dict({**SHAPE.to_dict(), "hidden": [32, 16], "retrieval_prior": prior})
     model, info = fit_lists(cfg, shape, _tables(shape), planted_lists(160, 16, shape, 0), tmp_path, 16, track=False)
     assert info["epochs_trained"] >= 1 and info["val_lists"] == 32
     test = planted_lists(120, 16, shape, 1)
