@@ -67,6 +67,9 @@ class ModelConfig:
     dim: int = 64
     history_pooling: str = "mean"  # mean | attention
     use_user_id: bool = True
+    # The history encoder reads its own product / seller tables instead of the candidate towers' id
+    # tables (asymmetric item-item, as in FISM): the score is <W mean(q_history), p_candidate>.
+    separate_history: bool = False
     user_hash_buckets: int = 0  # 0 = unknown users share index 0; >0 hashes unseen ids into buckets
     temperature: float = 0.1
     learn_temperature: bool = False

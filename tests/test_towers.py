@@ -71,6 +71,25 @@ def test_unseen_user_gets_vector_from_history() -> None:
     assert not torch.allclose(u[0], u[1])
 
 
+def test_separate_history_tables() -> None:
+    """model.separate_history: the history reads its own sparse tables, not the candidate towers' ids."""
+    kw = dict(n_users=5, n_products=20, n_sellers=4, n_categories=1, n_brands=1, n_product_features=0,
+              n_seller_features=0, dim=8)
+    shared, sep = TwoTowerModel(TowerShape(**kw)), TwoTowerModel(TowerShape(**kw, separate_history=True))
+    assert shared.users.product_ids is shared.products.id_emb
+    assert sep.users.product_ids is not sep.products.id_emb and sep.users.seller_ids is not sep.sellers.id_emb
+    assert len(sep.sparse_parameters()) == len(shared.sparse_parameters()) + 2
+    b = {"user_idx": torch.tensor([1, 2]), "hist_products": torch.tensor([[1, 2, 0], [5, 6, 7]]),
+         "hist_sellers": torch.tensor([[1, 0, 0], [2, 2, 3]])}
+    (sep.user_vectors(b) * sep.product_vectors(torch.tensor([3, 4]))).sum().backward()
+    assert sep.users.product_ids.weight.grad is not None and sep.products.id_emb.weight.grad is not None
+    sep.eval()
+    with torch.no_grad():  # the candidate id table no longer moves the user vector
+        before = sep.user_vectors(b)
+        sep.products.id_emb.weight.add_(1.0)
+        assert torch.allclose(sep.user_vectors(b), before)
+
+
 def test_training_learns_planted_clusters(tmp_path) -> None:
     from tests.tiny_prepared import write_tiny_prepared
     from towers import evaluate, train

@@ -23,6 +23,7 @@ class TowerShape:
     hidden: int = 128
     history_pooling: str = "mean"
     use_user_id: bool = True
+    separate_history: bool = False
     user_hash_buckets: int = 0
     use_features: bool = True
     sparse: bool = True

@@ -41,6 +41,7 @@ def tower_shape(cfg: Config, catalog) -> TowerShape:
         hidden=m.hidden,
         history_pooling=m.history_pooling,
         use_user_id=m.use_user_id,
+        separate_history=m.separate_history,
         user_hash_buckets=m.user_hash_buckets,
         use_features=m.use_features,
         sparse=m.sparse_embeddings and not (cfg.train.accelerator == "gpu" and cfg.train.devices > 1),

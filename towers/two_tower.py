@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from towers.embeddings import embedding
 from towers.product_tower import ProductTower
 from towers.seller_tower import SellerTower
 from towers.shapes import TowerShape
@@ -32,7 +33,12 @@ class TwoTowerModel(nn.Module):
         self.shape = shape
         self.products = ProductTower(shape, product_cats, product_num)
         self.sellers = SellerTower(shape, seller_num)
-        self.users = UserTower(shape, self.products.id_emb, self.sellers.id_emb if shape.has_sellers else None)
+        if shape.separate_history:
+            hist_p = embedding(shape.n_products, shape.dim, shape.sparse)
+            hist_s = embedding(shape.n_sellers, shape.dim, shape.sparse) if shape.has_sellers else None
+        else:
+            hist_p, hist_s = self.products.id_emb, self.sellers.id_emb if shape.has_sellers else None
+        self.users = UserTower(shape, hist_p, hist_s)
         log_t = torch.tensor(math.log(shape.temperature))
         if shape.learn_temperature:
             self.log_temperature = nn.Parameter(log_t)
