@@ -31,6 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from loadgen import cpu_seconds, pct, poisson_load  # noqa: E402
 
 
 def build_synthetic(tmp: Path, n_users: int, n_products: int, n_sellers: int, dim: int) -> Path:
@@ -79,82 +82,9 @@ def make_queries(bundle_path: Path, n: int, k: int, seed: int) -> list[dict]:
 
 
 async def load(url: str, queries: list[dict], rps: float, duration: float, seed: int, connections: int = 64) -> dict:
-    """Open-loop Poisson load: a dispatcher enqueues requests at their arrival times, ``connections``
-    keep-alive HTTP/1.1 workers send them (a minimal client: httpx's pool costs more CPU than the server)."""
-    host, port = url.split("//", 1)[1].split(":")
-    rng = np.random.default_rng(seed)
-    n = int(rps * duration)
-    arrivals = np.cumsum(rng.exponential(1.0 / rps, n))
+    """Open-loop Poisson load of ``POST /v1/retrieve/products`` (``loadgen.poisson_load``)."""
     bodies = [json.dumps(q).encode() for q in queries]
-    lat_sched: list[float] = []
-    lat_send: list[float] = []
-    errors: list[object] = []
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def worker() -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                due, body = item
-                sent = time.perf_counter()
-                try:
-                    writer.write(b"POST /v1/retrieve/products HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-                    await writer.drain()
-                    status = int((await reader.readline()).split()[1])
-                    length = 0
-                    while True:
-                        line = await reader.readline()
-                        if line in (b"\r\n", b""):
-                            break
-                        if line.lower().startswith(b"content-length:"):
-                            length = int(line.split(b":")[1])
-                    await reader.readexactly(length)
-                    if status != 200:
-                        errors.append(status)
-                except Exception as e:  # noqa: BLE001 - count every failure, reconnect
-                    errors.append(type(e).__name__)
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(host, int(port))
-                done = time.perf_counter()
-                lat_sched.append(done - due)
-                lat_send.append(done - sent)
-        finally:
-            writer.close()
-
-    workers = [asyncio.create_task(worker()) for _ in range(connections)]
-    await asyncio.sleep(0.2)  # connections up
-    t0 = time.perf_counter()
-    for i, at in enumerate(arrivals):
-        delay = t0 + at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        queue.put_nowait((t0 + at, bodies[i % len(bodies)]))
-    for _ in workers:
-        queue.put_nowait(None)
-    await asyncio.gather(*workers)
-    wall = time.perf_counter() - t0
-    return {"requests": n, "wall_s": wall, "sched": np.array(lat_sched), "send": np.array(lat_send), "errors": errors}
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (Linux /proc), None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def pct(a: np.ndarray) -> dict:
-    if len(a) == 0:
-        return {}
-    q = np.percentile(a * 1000, [50, 90, 99])
-    return {"p50_ms": round(float(q[0]), 2), "p90_ms": round(float(q[1]), 2), "p99_ms": round(float(q[2]), 2),
-            "max_ms": round(float(a.max() * 1000), 2)}
+    return await poisson_load(url, "/v1/retrieve/products", bodies, rps, duration, seed, connections)
 
 
 async def _asgi_call(app, body: bytes) -> int:

@@ -17,15 +17,14 @@ scheduled arrival time (queueing included, no coordinated omission). Goal on 2 c
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from loadgen import cpu_seconds, pct, poisson_load  # noqa: E402
 
 
 def percentiles(ms: list[float] | np.ndarray) -> dict[str, float]:
@@ -128,8 +130,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None
     raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
+def _fallback(body: bytes) -> str | None:
+    """The response's fallback tag (ranker timeout / error -> retrieval order), None when ranked."""
+    return None if b'"fallback":null' in body else "fallback"
+
+
 def end_to_end(cfg, run: Path, rate: float, duration: float, k: int, n_cand: int, seed: int,
-               workers: int = 64) -> dict[str, Any]:
+               connections: int = 64) -> dict[str, Any]:
     import httpx
 
     from recsys.config import to_dict
@@ -146,52 +153,32 @@ def end_to_end(cfg, run: Path, rate: float, duration: float, k: int, n_cand: int
         wait_ready(rurl, procs[0])
         procs.append(start("ranking", cfg_path, run, kport, rurl))
         wait_ready(kurl, procs[1])
-        local = threading.local()
-
-        def client() -> httpx.Client:
-            if not hasattr(local, "c"):
-                local.c = httpx.Client(timeout=10.0)
-            return local.c
-
-        def one(i: int, user: str, scheduled: float) -> tuple[float, int, str | None]:
-            try:
-                r = client().post(kurl + "/v1/recommend", json={"user_id": user, "k": k, "candidates": n_cand},
-                                  headers={"X-Request-ID": f"bench-{i}"})
-                fb = r.json().get("fallback") if r.status_code == 200 else None
-                return 1000 * (time.perf_counter() - scheduled), r.status_code, fb
-            except httpx.HTTPError as e:
-                return 1000 * (time.perf_counter() - scheduled), -1, type(e).__name__
-
         rng = np.random.default_rng(seed)
-        # warm-up: a few sequential requests (connections, caches, first forward passes)
-        for i in range(20):
-            one(-i, users[int(rng.integers(len(users)))], time.perf_counter())
-        gaps = rng.exponential(1.0 / rate, int(rate * duration * 1.5) + 10)
-        arrivals = np.cumsum(gaps)
-        arrivals = arrivals[arrivals < duration]
-        picks = rng.integers(0, len(users), len(arrivals))
-        futures = []
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            t0 = time.perf_counter()
-            for i, (at, u) in enumerate(zip(arrivals, picks, strict=True)):
-                delay = t0 + at - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                futures.append(pool.submit(one, i, users[u], t0 + at))
-            res = [f.result() for f in futures]
-            wall = time.perf_counter() - t0
-        ms = [r[0] for r in res]
-        ok = [r for r in res if r[1] == 200]
+        bodies = [json.dumps({"user_id": str(u), "k": k, "candidates": n_cand}).encode()
+                  for u in rng.choice(np.asarray(users, dtype=object), 5000)]
+        # warm-up (connections, caches, first forward passes)
+        asyncio.run(poisson_load(kurl, "/v1/recommend", bodies, min(rate, 20.0), 2.0, seed + 1, 8))
+        cpu0 = [cpu_seconds(p.pid) for p in procs]
+        res = asyncio.run(poisson_load(kurl, "/v1/recommend", bodies, rate, duration, seed, connections,
+                                       inspect=_fallback))
+        cpu1 = [cpu_seconds(p.pid) for p in procs]
+        n = max(res["requests"], 1)
         try:  # a saturated server may still be draining requests whose clients gave up
             metrics = httpx.get(kurl + "/metrics", timeout=60.0).text
         except httpx.HTTPError:
             metrics = ""
+        cpu_ms = {name: (round(1000 * (c1 - c0) / n, 2) if c0 is not None and c1 is not None else None)
+                  for name, c0, c1 in zip(("retrieval", "ranking"), cpu0, cpu1, strict=True)}
         return {
-            "rate_target": rate, "duration_s": duration, "requests": len(res), "achieved_rate": round(len(res) / wall, 1),
-            "ok": len(ok), "errors": len(res) - len(ok),
-            "fallbacks": sum(1 for r in ok if r[2] is not None), "latency": percentiles(ms),
+            "rate_target": rate, "duration_s": duration, "requests": res["requests"],
+            "achieved_rate": round(res["requests"] / res["wall_s"], 1),
+            "ok": res["requests"] - len(res["errors"]), "errors": len(res["errors"]),
+            "error_kinds": sorted({str(e) for e in res["errors"]}),
+            "fallbacks": res["tags"].get("fallback", 0), "latency_from_schedule": pct(res["sched"]),
+            "latency_from_send": pct(res["send"]), "server_cpu_ms_per_request": cpu_ms,
             "ranker_server_side": _hist(metrics, "ranking_ranker_seconds"),
             "retrieval_call_server_side": _hist(metrics, "ranking_retrieval_seconds"),
+            "load_average": os.getloadavg()[0],
         }
     finally:
         for p in procs:
