@@ -87,6 +87,7 @@ class TrainConfig:
     lr_sparse: float = 0.01
     lr_dense: float = 0.001
     weight_decay: float = 1e-5
+    # L2 penalty on the id-embedding rows each batch touches (0 = off); see TwoTowerLightning.embedding_penalty.
     embedding_l2: float = 0.0
     user_id_dropout: float = 0.1
     num_negatives: int = 2048

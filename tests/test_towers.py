@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recsys.config import load_config
-from towers.losses import log_expected_count, sampled_softmax_loss
+from towers.losses import log_expected_count, sampled_softmax_loss, uniform_negatives
 from towers.metrics import hits_matrix, ranking_metrics
 from towers.shapes import TowerShape
 from towers.two_tower import TwoTowerModel
@@ -153,3 +153,40 @@ def test_repeat_positives_are_reweighted() -> None:
     assert torch.allclose(loss(0.0, batch["weight"]), only_new)
     assert not torch.allclose(loss(1.0, batch["weight"]), only_new)
     assert torch.allclose(loss(0.5, batch["weight"]), loss(1.0, torch.tensor([0.5, 2.0, 0.5])))
+
+
+def test_embedding_l2_penalises_only_the_rows_a_batch_touches() -> None:
+    from recsys.config import Config, to_dict
+    from towers.lit_module import TwoTowerLightning
+
+    shape = TowerShape(n_users=10, n_products=30, n_sellers=4, n_categories=1, n_brands=1, n_product_features=0,
+                       n_seller_features=0, dim=8)
+    batch = {"user_idx": torch.tensor([1, 2]), "product_idx": torch.tensor([5, 6]),
+             "seller_idx": torch.tensor([1, 0]), "weight": torch.ones(2),
+             "hist_products": torch.tensor([[4, 0], [1, 2]]), "hist_sellers": torch.tensor([[1, 0], [2, 0]]),
+             "hour": torch.full((2,), -1), "dow": torch.full((2,), -1)}
+
+    def lit_with(l2: float) -> TwoTowerLightning:
+        train = {**to_dict(Config().train), "embedding_l2": l2, "num_negatives": 4}
+        torch.manual_seed(0)
+        lit = TwoTowerLightning(shape.to_dict(), train, {}).eval()
+        lit._gen.manual_seed(0)
+        return lit
+
+    base, parts0 = lit_with(0.0).compute_loss(batch)
+    lit = lit_with(0.5)
+    loss, parts = lit.compute_loss(batch)
+    assert "embedding_l2" not in parts0 and float(parts["embedding_l2"]) > 0
+    assert torch.allclose(loss, base + 0.5 * parts["embedding_l2"], atol=1e-6)
+    m = lit.model
+    lit._gen.manual_seed(0)
+    neg = uniform_negatives(4, 30, lit._gen, lit.device)
+    rows = torch.unique(torch.cat([batch["product_idx"], neg, batch["hist_products"].reshape(-1)]))
+    rows = rows[rows > 0]
+    expect = (m.products.id_emb.weight[rows].pow(2).sum(1).mean()
+              + m.sellers.id_emb.weight[torch.tensor([1, 2])].pow(2).sum(1).mean()
+              + m.users.id_emb.weight[torch.tensor([1, 2])].pow(2).sum(1).mean())
+    assert torch.allclose(lit.embedding_penalty(batch, neg), expect, atol=1e-6)
+    lit.embedding_penalty(batch, neg).backward()
+    g = m.products.id_emb.weight.grad.coalesce()  # sparse: only the touched rows get a gradient
+    assert set(g.indices()[0].tolist()) == set(rows.tolist())

@@ -116,7 +116,43 @@ class TwoTowerLightning(pl.LightningModule):
                 # seller popularity is part of the answer here.
                 parts["product_seller"] = sampled_softmax_loss(p, s, sid, temp, sv, sneg, None, None, weights, hits, valid)
         loss = sum(float(tw.get(k, 1.0)) * v for k, v in parts.items())
+        l2 = float(cfg.get("embedding_l2", 0.0))
+        if l2 > 0:
+            reg = self.embedding_penalty(batch, neg_ids)
+            parts["embedding_l2"] = reg
+            loss = loss + l2 * reg
         return loss, parts
+
+    def embedding_penalty(self, batch: dict[str, torch.Tensor], neg_ids: torch.Tensor) -> torch.Tensor:
+        """Mean squared L2 norm of the id-embedding rows this batch touches (as in BPR-MF's
+        regularisation): only those rows get a (sparse) gradient, so the penalty stays sparse-friendly.
+
+        Args:
+            batch: user_idx [B], product_idx [B], hist_products [B, L], seller_idx [B], hist_sellers [B, L].
+            neg_ids: [M] sampled negative product indexes.
+        Returns:
+            scalar: the sum over the id tables of the mean squared row norm (index 0, padding, excluded).
+        """
+        m = self.model
+        tables = [(m.products.id_emb, torch.cat([batch["product_idx"], neg_ids, batch["hist_products"].reshape(-1)]))]
+        if self.tshape.has_sellers:
+            sids = [batch["seller_idx"]] + ([batch["hist_sellers"].reshape(-1)] if "hist_sellers" in batch else [])
+            tables.append((m.sellers.id_emb, torch.cat(sids)))
+        if getattr(m.users, "id_emb", None) is not None:
+            tables.append((m.users.id_emb, batch["user_idx"]))
+        hp = m.users.product_ids
+        if hp is not None and hp is not m.products.id_emb:  # separate history tables
+            tables.append((hp, batch["hist_products"].reshape(-1)))
+        hs = m.users.seller_ids
+        if hs is not None and hs is not m.sellers.id_emb and "hist_sellers" in batch:
+            tables.append((hs, batch["hist_sellers"].reshape(-1)))
+        total = torch.zeros((), device=self.device)
+        for table, idx in tables:
+            idx = torch.unique(idx)
+            idx = idx[idx > 0]
+            if idx.numel():
+                total = total + table(idx).pow(2).sum(-1).mean()
+        return total
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, parts = self.compute_loss(self._augment(batch))
