@@ -11,7 +11,9 @@ Three measurements per batch size, all on the same pre-generated batches (histor
 * ``plain``: our default model and loss (:class:`towers.lit_module.TwoTowerLightning.compute_loss`:
   mixed in-batch + uniform negatives, logQ, accidental-hit masking) stepped by a hand-written loop.
 * ``lightning``: the same module trained by ``pl.Trainer.fit`` (manual optimisation, as ``recsys train``).
-  ``lightning / plain`` is Lightning's own overhead.
+  ``lightning / plain`` is Lightning's own overhead. With ``--repeats N`` the two alternate N times
+  (fresh modules, same batches) and the overhead is the median of the N paired ratios, with its
+  range: single runs on a shared 2-core box vary by more than the 5% being measured.
 
 and the arrow loader's rows/s over Parquet examples of the same shape (``--loader-rows``), which must
 be well above the training rate. Examples/s are measured after ``--warmup`` steps.
@@ -162,6 +164,7 @@ def main() -> None:
     ap.add_argument("--loader-rows", type=int, default=500_000)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
     ap.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--repeats", type=int, default=1, help="alternate plain and Lightning this many times")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override, e.g. train.num_negatives=0 (default: the default config)")
     a = ap.parse_args()
@@ -175,10 +178,22 @@ def main() -> None:
              "negatives": cfg.train.num_negatives, "task_weights": cfg.train.task_weights}
         if a.accelerator == "cpu":
             r["minimal_ex_s"] = round(bench_minimal(a.rows, cfg.model.dim, batches, a.warmup))
-            r["plain_ex_s"] = round(bench_plain(a.rows, cfg, batches, a.warmup))
-        r["lightning_ex_s"] = round(bench_lightning(a.rows, cfg, batches, a.warmup, a.accelerator))
-        if "plain_ex_s" in r:
-            r["lightning_overhead_pct"] = round(100 * (r["plain_ex_s"] / r["lightning_ex_s"] - 1), 1)
+        plain, light = [], []
+        for _ in range(max(1, a.repeats)):
+            if a.accelerator == "cpu":
+                plain.append(bench_plain(a.rows, cfg, batches, a.warmup))
+            light.append(bench_lightning(a.rows, cfg, batches, a.warmup, a.accelerator))
+        if plain:
+            r["plain_ex_s"] = round(float(np.median(plain)))
+        r["lightning_ex_s"] = round(float(np.median(light)))
+        if plain:
+            # overhead > 0: Lightning is slower than the plain loop on the same module and batches
+            ratios = [100 * (p / q - 1) for p, q in zip(plain, light, strict=True)]
+            r["lightning_overhead_pct"] = round(float(np.median(ratios)), 1)
+            if len(ratios) > 1:
+                r["lightning_overhead_pct_range"] = [round(min(ratios), 1), round(max(ratios), 1)]
+                r["plain_runs_ex_s"] = [round(x) for x in plain]
+                r["lightning_runs_ex_s"] = [round(x) for x in light]
         r["loader_rows_s"] = round(bench_loader(a.loader_rows, bs, a.history))
         results.append(r)
         print(json.dumps(r), flush=True)
