@@ -16,7 +16,9 @@ Three measurements per batch size, all on the same pre-generated batches (histor
   range: single runs on a shared 2-core box vary by more than the 5% being measured.
 
 and the arrow loader's rows/s over Parquet examples of the same shape (``--loader-rows``), which must
-be well above the training rate. Examples/s are measured after ``--warmup`` steps.
+be well above the training rate. Examples/s are the batch size over the median time from one step's
+start to the next, after ``--warmup`` steps (the median, because a shared 2-core VM has bursts of
+neighbour noise that move a total-time average by more than the 5% being measured).
 """
 
 from __future__ import annotations
@@ -74,13 +76,18 @@ class Minimal(torch.nn.Module):
 
 
 def _rate(fn, batches, warmup: int) -> float:
-    for b in batches[:warmup]:
+    """Examples/s at the median step time after ``warmup`` steps (robust to a noisy neighbour's bursts)."""
+    stamps = []
+    for b in batches:
+        stamps.append(time.perf_counter())
         fn(b)
-    t = time.perf_counter()
-    for b in batches[warmup:]:
-        fn(b)
-    dt = time.perf_counter() - t
-    return sum(len(b["user_idx"]) for b in batches[warmup:]) / dt
+    stamps.append(time.perf_counter())
+    return _median_rate(stamps[warmup:], len(batches[0]["user_idx"]))
+
+
+def _median_rate(stamps: list[float], batch: int) -> float:
+    """``batch`` / the median gap between consecutive step start times."""
+    return batch / float(np.median(np.diff(stamps)))
 
 
 def bench_minimal(rows: int, dim: int, batches, warmup: int) -> float:
@@ -123,8 +130,9 @@ def bench_lightning(rows: int, cfg: Config, batches, warmup: int, accelerator: s
     times: list[float] = []
 
     class Clock(pl.Callback):
+        # step start to step start: everything Lightning does between two steps is inside
         def on_train_batch_start(self, trainer, module, batch, idx):
-            if idx == warmup:
+            if idx >= warmup:
                 times.append(time.perf_counter())
 
         def on_train_end(self, trainer, module):
@@ -136,7 +144,7 @@ def bench_lightning(rows: int, cfg: Config, batches, warmup: int, accelerator: s
                          num_sanity_val_steps=0, callbacks=[Clock()],
                          precision="bf16-mixed" if accelerator == "gpu" else "32-true")
     trainer.fit(lit, train_dataloaders=loader)
-    return sum(len(b["user_idx"]) for b in batches[warmup:]) / (times[1] - times[0])
+    return _median_rate(times, len(batches[0]["user_idx"]))
 
 
 def bench_loader(rows: int, batch: int, hist: int) -> float:

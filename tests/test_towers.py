@@ -99,6 +99,13 @@ def test_training_learns_planted_clusters(tmp_path) -> None:
                              "train.val_k=10", "eval.baselines=[popularity]", "train.early_stopping_patience=10"])
     summary = train.run(cfg, prep, tmp_path / "run", resume=False, progress=False)
     assert summary["epochs"] >= 1
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "towers" / "metrics.csv")))
+    epoch_rows = [r for r in rows if r.get("train/loss_epoch")]
+    # one epoch-mean row per epoch, with every task's mean; step losses every log_every_n_steps
+    assert len(epoch_rows) == summary["epochs"] and all(r.get("train/user_product") for r in epoch_rows)
+    assert all(0 < float(r["train/loss_epoch"]) < 20 for r in epoch_rows)
     report = evaluate.run(cfg, tmp_path / "run")
     tt = report["models"]["two_tower"]["products"]
     pop = report["models"]["popularity"]["products"]
