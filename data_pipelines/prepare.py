@@ -325,7 +325,9 @@ def _rewrite(parts: list[Path], dst: Path, rows: int, target: pa.Schema | None, 
     """Stream ``parts`` (in order) into ``dst`` with ``rows`` rows per row group; returns the row count."""
     schema = None
     writer = None
-    buf: list[pa.RecordBatch] = []
+    # Tables already cast to the target schema: a remainder kept from one flush is combined with
+    # batches of the next part file, whose raw schema (nullability, list field names) differs.
+    buf: list[pa.Table] = []
     nbuf = 0
     total = 0
 
@@ -333,13 +335,13 @@ def _rewrite(parts: list[Path], dst: Path, rows: int, target: pa.Schema | None, 
         nonlocal buf, nbuf, writer, total
         if not buf:
             return
-        tbl = pa.Table.from_batches(buf).cast(schema)
+        tbl = pa.concat_tables(buf)
         while tbl.num_rows >= rows or (final and tbl.num_rows):
             chunk = tbl.slice(0, min(rows, tbl.num_rows))
             writer.write_table(chunk, row_group_size=rows)
             total += chunk.num_rows
             tbl = tbl.slice(chunk.num_rows)
-        buf = tbl.to_batches() if tbl.num_rows else []
+        buf = [tbl] if tbl.num_rows else []
         nbuf = tbl.num_rows
 
     for p in parts:
@@ -348,7 +350,7 @@ def _rewrite(parts: list[Path], dst: Path, rows: int, target: pa.Schema | None, 
             schema = _target_schema(pf.schema_arrow, target)
             writer = pq.ParquetWriter(dst, schema, compression="snappy")
         for b in pf.iter_batches(batch_size=rows):
-            buf.append(b)
+            buf.append(pa.Table.from_batches([b]).cast(schema))
             nbuf += b.num_rows
             if nbuf >= rows:
                 flush(False)
