@@ -129,8 +129,7 @@ class RetrievalClient:
             if data is not None:
                 headers = {**headers, "Content-Type": "application/json"}
             target = path + ("?" + urlencode(params) if params else "")
-            return self._pool.request(method, target, data, headers,
-                                      timeout_s if timeout_s is not None else self.timeout_s)
+            return self._pool.request(method, target, data, headers, timeout_s)  # None: the pool's default
         # an injected client (e.g. a TestClient) keeps its own timeouts unless the call sets one
         kw = {"timeout": httpx.Timeout(timeout_s)} if timeout_s is not None else {}
         try:

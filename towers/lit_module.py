@@ -178,8 +178,7 @@ class TwoTowerLightning(pl.LightningModule):
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.detach() * bs
         self._epoch_rows += bs
-        every = max(1, int(self.trainer.log_every_n_steps)) if self._trainer is not None else 1
-        if self.global_step % every == 0:
+        if self.global_step % max(1, int(self.trainer.log_every_n_steps)) == 0:
             self.log("train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
