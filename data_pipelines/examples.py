@@ -8,10 +8,13 @@ user's events of every type, restricted to the splits an example may see:
 - without timestamps: the user's other events of those splits, a seeded random subset of at most
   ``max_history`` (different per example), never the example's own row.
 
-Cost: each user's visible events are collected and sorted once (``array_sort`` on structs); the
-position of every example in that list comes from one running-count window over examples and
-events together; the history is then a ``slice`` of the list (O(max_history) per example).
-Events with an unknown product (index 0) are left out of histories.
+Cost: the events arrive partitioned by ``user_idx`` (``prepare`` repartitions them once), so
+nothing here shuffles them again. Each user's events are collected and sorted once
+(:func:`user_lists`, ``array_sort`` on structs), with their split; the train and train+val lists
+are filtered from it once per user. One window over the events gives every example its position in
+both lists (running counts of the visible events before it); the history is then a ``slice`` of the
+list (O(max_history) per example). Events with an unknown product (index 0) are left out of
+histories.
 """
 
 from __future__ import annotations
@@ -23,17 +26,20 @@ from data_pipelines.schema import EXAMPLE_COLUMNS
 from data_pipelines.splits import uniform
 from recsys.config import DataConfig
 
-HISTORY_SPLITS = {"train": ("train",), "val": ("train",), "test": ("train", "val")}
 
-
-def positives(ev: DataFrame, cfg: DataConfig, event_codes: dict[str, int]) -> DataFrame:
-    """Positive events with a weight; unknown users or products (index 0) are dropped."""
-    codes = [event_codes[t] for t in cfg.positive_events if t in event_codes]
+def _weight(cfg: DataConfig, event_codes: dict[str, int]) -> Column:
+    """The example weight of each event type (float)."""
     weight = F.lit(None).cast("float")
     for t, code in event_codes.items():
         weight = F.when(F.col("event") == code, F.lit(float(cfg.event_weights.get(t, 1.0)))).otherwise(weight)
+    return weight.cast("float")
+
+
+def positives(ev: DataFrame, cfg: DataConfig, event_codes: dict[str, int]) -> DataFrame:
+    """Positive events with a weight (rows with an unknown user or product, index 0, are kept: callers filter)."""
+    codes = [event_codes[t] for t in cfg.positive_events if t in event_codes]
     return ev.where(F.col("event").isin(*codes) if codes else F.lit(False)).select(
-        "user_idx", "product_idx", "seller_idx", weight.cast("float").alias("weight"), "event", "ts", "rid", "split"
+        "user_idx", "product_idx", "seller_idx", _weight(cfg, event_codes).alias("weight"), "event", "ts", "rid", "split"
     )
 
 
@@ -44,73 +50,58 @@ def _order_key(has_ts: bool, seed: int) -> list[Column]:
     return [uniform(seed, F.col("rid")), F.col("rid")]
 
 
-def _user_lists(events: DataFrame, has_ts: bool, seed: int, with_types: bool = False) -> DataFrame:
-    """Per user: arrays ``hp`` (products), ``hs`` (sellers) [, ``ht`` (event codes)] in event order."""
-    k1, k2 = _order_key(has_ts, seed)
-    fields = [k1.alias("k1"), k2.alias("k2"), F.col("product_idx").alias("p"), F.col("seller_idx").alias("s")]
-    if with_types:
-        fields.append(F.col("event").cast("byte").alias("t"))
-    g = events.groupBy("user_idx").agg(F.array_sort(F.collect_list(F.struct(*fields))).alias("_l"))
-    cols = [
-        "user_idx",
-        F.transform("_l", lambda x: x["p"]).alias("hp"),
-        F.transform("_l", lambda x: x["s"]).alias("hs"),
-    ]
-    if with_types:
-        cols.append(F.transform("_l", lambda x: x["t"]).alias("ht"))
-    return g.select(*cols)
+SPLIT_CODE = {"train": 0, "val": 1, "test": 2}  # lists keep a split code per event: train+val = code <= 1
 
 
-def attach_history(
-    examples: DataFrame, hist_events: DataFrame, has_ts: bool, max_history: int, seed: int, self_in_list: bool
-) -> DataFrame:
-    """Add ``hist_products`` and ``hist_sellers`` to ``examples`` from the users' ``hist_events``.
+def user_lists(ev: DataFrame, has_ts: bool, seed: int) -> DataFrame:
+    """Per user (``user_idx`` > 0): ``_l``, every event with a known product, sorted in event order.
 
-    Args:
-        examples: rows with user_idx, ts, rid (and any other columns, kept).
-        hist_events: the events these examples may see (user_idx, product_idx, seller_idx, ts, rid).
-        has_ts: time-ordered histories strictly before ts, else random subsets of the other events.
-        max_history: the cap.
-        seed: for the order without time.
-        self_in_list: the examples' own rows are among ``hist_events`` (only matters without time).
+    Each element is a struct ``k1, k2`` (order keys), ``p`` (product), ``s`` (seller), ``t`` (event
+    code), ``v`` (split code, :data:`SPLIT_CODE`).
     """
-    h = hist_events.where((F.col("product_idx") > 0) & (F.col("user_idx") > 0))
-    lists = _user_lists(h, has_ts, seed)
+    h = ev.where((F.col("product_idx") > 0) & (F.col("user_idx") > 0))
     k1, k2 = _order_key(has_ts, seed)
-    ex_cols = examples.columns
-    ex = examples.select(*ex_cols, k1.alias("_k1"), k2.alias("_k2"), F.lit(0).alias("_e"))
-    hv = h.select("user_idx", k1.alias("_k1"), k2.alias("_k2"), F.lit(1).alias("_e"))
-    for c in ex_cols:
-        if c not in hv.columns:
-            hv = hv.withColumn(c, F.lit(None).cast(examples.schema[c].dataType))
-    u = ex.unionByName(hv.select(*ex.columns))
-    if has_ts:
-        # examples sort before events at equal ts, so the running count is "events strictly before"
-        order = [F.col("_k1"), F.col("_e")]
-    else:
-        # an example right after its own event (same keys), so pos counts itself when present
-        order = [F.col("_k1"), F.col("_k2"), F.desc("_e")]
-    w = Window.partitionBy("user_idx").orderBy(*order).rowsBetween(Window.unboundedPreceding, Window.currentRow)
-    pos = u.withColumn("_pos", F.sum("_e").over(w)).where(F.col("_e") == 0).drop("_e", "_k1", "_k2")
-    j = pos.join(lists, "user_idx", "left")
-    empty = F.array().cast("array<int>")
-    hp = F.coalesce(F.col("hp"), empty)
-    hs = F.coalesce(F.col("hs"), empty)
-    p = F.col("_pos").cast("int")
+    v = F.lit(None).cast("byte")
+    for name, code in SPLIT_CODE.items():
+        v = F.when(F.col("split") == name, F.lit(code).cast("byte")).otherwise(v)
+    fields = [
+        k1.alias("k1"),
+        k2.alias("k2"),
+        F.col("product_idx").alias("p"),
+        F.col("seller_idx").alias("s"),
+        F.col("event").cast("byte").alias("t"),
+        v.alias("v"),
+    ]
+    return h.groupBy("user_idx").agg(F.array_sort(F.collect_list(F.struct(*fields))).alias("_l"))
+
+
+def _visible(lists: Column, max_code: int | None) -> Column:
+    """The elements of the splits with code <= ``max_code`` (all when None)."""
+    return lists if max_code is None else F.filter(lists, lambda x: x["v"] <= max_code)
+
+
+def _history(hp: Column, hs: Column, p: Column, has_ts: bool, max_history: int, own: int) -> tuple[Column, Column]:
+    """The history of an example at position ``p`` of its user's visible lists ``hp`` / ``hs``.
+
+    With time, ``p`` counts the visible events strictly before the example and the history is the
+    last ``max_history`` of them. Without, ``p`` counts the visible events up to and including it
+    in the seeded order (``own`` = 1 when the example itself is visible): the history takes the
+    events after it, then wraps around to those before it, skipping its own row.
+    """
     H = int(max_history)
+    empty = F.array().cast("array<int>")
+    if H == 0:
+        return empty, empty
     if has_ts:
         start = F.greatest(p - H, F.lit(0)) + 1
         length = F.least(p, F.lit(H))
-        out_p, out_s = F.slice(hp, start, length), F.slice(hs, start, length)
-    else:
-        own = 1 if self_in_list else 0
-        n_after = F.greatest(F.least(F.size(hp) - p, F.lit(H)), F.lit(0))
-        n_before = F.greatest(F.least(p - own, F.lit(H) - n_after), F.lit(0))
-        out_p = F.concat(F.slice(hp, p + 1, F.greatest(n_after, F.lit(0))), F.slice(hp, 1, n_before))
-        out_s = F.concat(F.slice(hs, p + 1, F.greatest(n_after, F.lit(0))), F.slice(hs, 1, n_before))
-        if H == 0:
-            out_p, out_s = empty, empty
-    return j.select(*ex_cols, out_p.alias("hist_products"), out_s.alias("hist_sellers"))
+        return F.slice(hp, start, length), F.slice(hs, start, length)
+    n_after = F.greatest(F.least(F.size(hp) - p, F.lit(H)), F.lit(0))
+    n_before = F.greatest(F.least(p - own, F.lit(H) - n_after), F.lit(0))
+    return (
+        F.concat(F.slice(hp, p + 1, n_after), F.slice(hp, 1, n_before)),
+        F.concat(F.slice(hs, p + 1, n_after), F.slice(hs, 1, n_before)),
+    )
 
 
 def context(df: DataFrame, has_ts: bool) -> DataFrame:
@@ -127,42 +118,90 @@ def context(df: DataFrame, has_ts: bool) -> DataFrame:
 
 
 def build_examples(
-    ev: DataFrame, cfg: DataConfig, has_ts: bool, event_codes: dict[str, int]
-) -> dict[str, DataFrame]:
-    """``{split: examples}`` with exactly EXAMPLE_COLUMNS (plus ``rid``, dropped before writing)."""
-    pos = positives(ev, cfg, event_codes).where((F.col("user_idx") > 0) & (F.col("product_idx") > 0))
-    out: dict[str, DataFrame] = {}
-    for split, visible in HISTORY_SPLITS.items():
-        ex = pos.where(F.col("split") == split).drop("split")
-        hist_ev = ev.where(F.col("split").isin(*visible))
-        ex = attach_history(ex, hist_ev, has_ts, cfg.max_history, cfg.seed, self_in_list=split in visible)
-        ex = context(ex, has_ts)
-        out[split] = ex.select(
-            F.col("user_idx").cast("int"),
-            F.col("product_idx").cast("int"),
-            F.col("seller_idx").cast("int"),
-            F.col("weight").cast("float"),
-            F.col("event").cast("byte"),
-            F.col("ts").cast("long"),
-            F.col("hist_products").cast("array<int>"),
-            F.col("hist_sellers").cast("array<int>"),
-            "hour",
-            "dow",
-            "rid",
-        )
-        assert tuple(out[split].columns[:-1]) == EXAMPLE_COLUMNS
+    ev: DataFrame, lists: DataFrame, cfg: DataConfig, has_ts: bool, event_codes: dict[str, int]
+) -> DataFrame:
+    """Examples of every split: EXAMPLE_COLUMNS plus ``split`` and ``rid``.
+
+    Args:
+        ev: indexed events with ``split`` (user_idx, product_idx, seller_idx, event, ts, rid, ...),
+            ideally partitioned by user_idx.
+        lists: :func:`user_lists` of ``ev``.
+        cfg: the data config (positive events, weights, max_history, seed).
+        has_ts: whether the events have timestamps.
+        event_codes: event type -> code.
+    """
+    k1, k2 = _order_key(has_ts, seed=cfg.seed)
+    if has_ts:
+        # a range frame on ts ending one second before: the events strictly before the example
+        w = Window.partitionBy("user_idx").orderBy("ts").rangeBetween(Window.unboundedPreceding, -1)
+    else:
+        # a range frame to the current row counts the row and its peers (equal keys): deterministic
+        w = Window.partitionBy("user_idx").orderBy(k1, k2).rangeBetween(Window.unboundedPreceding, Window.currentRow)
+    known = F.col("product_idx") > 0
+    vis_t = (known & (F.col("split") == "train")).cast("int")
+    vis_tv = (known & F.col("split").isin("train", "val")).cast("int")
+    x = ev.where(F.col("user_idx") > 0).select(
+        "*",
+        F.coalesce(F.sum(vis_t).over(w), F.lit(0)).alias("_pt"),
+        F.coalesce(F.sum(vis_tv).over(w), F.lit(0)).alias("_ptv"),
+    )
+    codes = [event_codes[t] for t in cfg.positive_events if t in event_codes]
+    pos = x.where(known & (F.col("event").isin(*codes) if codes else F.lit(False)))
+    # the train and train+val lists, filtered once per user (not once per example)
+    vis = lists.select(
+        "user_idx",
+        _visible(F.col("_l"), SPLIT_CODE["train"]).alias("_lt"),
+        _visible(F.col("_l"), SPLIT_CODE["val"]).alias("_ltv"),
+    ).select(
+        "user_idx",
+        F.transform("_lt", lambda e: e["p"]).alias("_hpt"),
+        F.transform("_lt", lambda e: e["s"]).alias("_hst"),
+        F.transform("_ltv", lambda e: e["p"]).alias("_hptv"),
+        F.transform("_ltv", lambda e: e["s"]).alias("_hstv"),
+    )
+    j = pos.join(vis, "user_idx", "left")
+    empty = F.array().cast("array<int>")
+    is_test = F.col("split") == "test"
+    hp = F.coalesce(F.when(is_test, F.col("_hptv")).otherwise(F.col("_hpt")), empty)
+    hs = F.coalesce(F.when(is_test, F.col("_hstv")).otherwise(F.col("_hst")), empty)
+    p = F.when(is_test, F.col("_ptv")).otherwise(F.col("_pt")).cast("int")
+    # only train examples are among their own visible events (train and val see train, test train+val)
+    own = (F.col("split") == "train").cast("int")
+    hist_p, hist_s = _history(hp, hs, p, has_ts, cfg.max_history, own)
+    ex = context(j.select("*", hist_p.alias("hist_products"), hist_s.alias("hist_sellers")), has_ts)
+    out = ex.select(
+        F.col("user_idx").cast("int"),
+        F.col("product_idx").cast("int"),
+        F.col("seller_idx").cast("int"),
+        _weight(cfg, event_codes).alias("weight"),
+        F.col("event").cast("byte"),
+        F.col("ts").cast("long"),
+        F.col("hist_products").cast("array<int>"),
+        F.col("hist_sellers").cast("array<int>"),
+        "hour",
+        "dow",
+        "rid",
+        "split",
+    )
+    assert tuple(out.columns[:-2]) == EXAMPLE_COLUMNS
     return out
 
 
-def user_histories(ev: DataFrame, has_ts: bool, max_len: int, seed: int) -> DataFrame:
-    """Per user: ``products``, ``sellers``, ``types`` (event codes), oldest first, the last ``max_len``."""
-    h = ev.where((F.col("product_idx") > 0) & (F.col("user_idx") > 0))
-    lists = _user_lists(h, has_ts, seed, with_types=True)
-    n = F.size("hp")
+def user_histories(lists: DataFrame, max_code: int | None, max_len: int) -> DataFrame:
+    """Per user with events in the visible splits: ``products``, ``sellers``, ``types``, oldest first, the last ``max_len``.
+
+    Args:
+        lists: :func:`user_lists`.
+        max_code: the splits to keep (:data:`SPLIT_CODE` <= max_code), None for all.
+        max_len: the cap.
+    """
+    v = lists.select("user_idx", _visible(F.col("_l"), max_code).alias("_v")).where(F.size("_v") > 0)
+    n = F.size("_v")
     start = F.greatest(n - int(max_len), F.lit(0)) + 1
-    return lists.select(
+    last = F.slice("_v", start, int(max_len))
+    return v.select(
         F.col("user_idx").cast("int"),
-        F.slice("hp", start, int(max_len)).cast("array<int>").alias("products"),
-        F.slice("hs", start, int(max_len)).cast("array<int>").alias("sellers"),
-        F.slice("ht", start, int(max_len)).cast("array<tinyint>").alias("types"),
+        F.transform(last, lambda e: e["p"]).cast("array<int>").alias("products"),
+        F.transform(last, lambda e: e["s"]).cast("array<int>").alias("sellers"),
+        F.transform(last, lambda e: e["t"]).cast("array<tinyint>").alias("types"),
     )

@@ -86,11 +86,11 @@ def temporal(ev: DataFrame, cfg: DataConfig, positive_codes: list[int]) -> tuple
     return out, {"val_cutoff": val_cut, "test_cutoff": test_cut, "val_cutoff_iso": iso(val_cut), "test_cutoff_iso": iso(test_cut)}
 
 
-def leave_last_out(ev: DataFrame, positive_codes: list[int]) -> DataFrame:
+def leave_last_out(ev: DataFrame, positive_codes: list[int], by: list[str]) -> DataFrame:
     key = F.struct(F.col("ts"), F.col("rid"))
     pos_key = F.when(_is_pos(positive_codes), key)
-    w_all = Window.partitionBy("user_id")
-    w_ord = Window.partitionBy("user_id", _is_pos(positive_codes)).orderBy(F.desc("ts"), F.desc("rid"))
+    w_all = Window.partitionBy(*by)
+    w_ord = Window.partitionBy(*by, _is_pos(positive_codes)).orderBy(F.desc("ts"), F.desc("rid"))
     ranked = ev.withColumn("_pr", F.when(_is_pos(positive_codes), F.row_number().over(w_ord)))
     ranked = ranked.withColumn("_npos", F.count(pos_key).over(w_all))
     ranked = ranked.withColumn("_test_key", F.max(F.when(F.col("_pr") == 1, key)).over(w_all))
@@ -105,13 +105,13 @@ def leave_last_out(ev: DataFrame, positive_codes: list[int]) -> DataFrame:
 
 
 def _carve(
-    ev: DataFrame, cfg: DataConfig, positive_codes: list[int], base: Column, test_fraction: float
+    ev: DataFrame, cfg: DataConfig, positive_codes: list[int], base: Column, test_fraction: float, by: list[str]
 ) -> DataFrame:
     """Per user, random ``test_fraction`` of the candidate positives to test (when > 0) and
     ``val_fraction`` to val; ``base`` is the split before carving; candidates = positives with base train."""
     cand = _is_pos(positive_codes) & (base == "train")
-    w_user = Window.partitionBy("user_id")
-    w_ord = Window.partitionBy("user_id", cand).orderBy(uniform(cfg.seed, F.col("rid")), F.col("rid"))
+    w_user = Window.partitionBy(*by)
+    w_ord = Window.partitionBy(*by, cand).orderBy(uniform(cfg.seed, F.col("rid")), F.col("rid"))
     x = ev.withColumn("_base", base).withColumn("_cand", cand)
     x = x.withColumn("_r", F.row_number().over(w_ord))
     x = x.withColumn("_n", F.sum(F.col("_cand").cast("long")).over(w_user))
@@ -129,7 +129,7 @@ def _carve(
 
 
 def assign_splits(
-    ev: DataFrame, cfg: DataConfig, has_ts: bool, positive_codes: list[int]
+    ev: DataFrame, cfg: DataConfig, has_ts: bool, positive_codes: list[int], by: tuple[str, ...] = ("user_id",)
 ) -> tuple[DataFrame, dict[str, Any]]:
     """Add ``split`` to the events.
 
@@ -138,6 +138,8 @@ def assign_splits(
         cfg: the data config (split method, fractions, seed).
         has_ts: whether the events have timestamps.
         positive_codes: event codes that are training positives.
+        by: the columns that identify a user for the per-user windows; pass a column the events
+            are already partitioned by first (``("user_idx", "user_id")``) to avoid a shuffle.
 
     Returns:
         ``(events with split, info)``; ``info`` has method, requested, cutoffs and has_timestamps.
@@ -156,12 +158,12 @@ def assign_splits(
         out, cut = temporal(ev, cfg, positive_codes)
         info["cutoffs"] = cut
     elif method == "leave_last_out":
-        out = leave_last_out(ev, positive_codes)
+        out = leave_last_out(ev, positive_codes, list(by))
     elif method == "predefined":
-        out = _carve(ev, cfg, positive_codes, F.col("split"), 0.0)
+        out = _carve(ev, cfg, positive_codes, F.col("split"), 0.0, list(by))
     else:
         base = ev.drop("split") if has_split else ev
-        out = _carve(base, cfg, positive_codes, F.lit("train"), cfg.test_fraction)
+        out = _carve(base, cfg, positive_codes, F.lit("train"), cfg.test_fraction, list(by))
     if not has_ts:
         info["note"] = "no timestamps: temporal splits and features (popularity windows, age, hour/dow) are unavailable"
     return out, info

@@ -111,8 +111,14 @@ def build_vocabs(
     return out
 
 
-def lookup(df: DataFrame, on: str, vocab: DataFrame, out: str) -> DataFrame:
-    """Add ``out`` = the vocab index of column ``on`` (0 when null or not in the vocabulary)."""
+def lookup(df: DataFrame, on: str, vocab: DataFrame, out: str, broadcast: bool = False) -> DataFrame:
+    """Add ``out`` = the vocab index of column ``on`` (0 when null or not in the vocabulary).
+
+    ``broadcast`` ships the vocabulary to every task instead of shuffling ``df`` by ``on`` (the
+    planner cannot tell on its own: a persisted vocabulary's size estimate is its input's).
+    """
     v = vocab.select(F.col("id").alias("_vid"), F.col("index").alias("_vidx"))
+    if broadcast:
+        v = F.broadcast(v)
     j = df.join(v, df[on] == v["_vid"], "left")
     return j.withColumn(out, F.coalesce(F.col("_vidx"), F.lit(0)).cast("int")).drop("_vid", "_vidx")

@@ -30,6 +30,9 @@ class SparkConfig:
     master: str = "local[*]"
     driver_memory: str = "4g"
     shuffle_partitions: int = 8
+    # Vocabularies with at most this many ids are broadcast to the id lookups (no shuffle of the
+    # events); larger ones (a cluster's 100M users) are joined with a shuffle.
+    broadcast_vocab_rows: int = 2_000_000
     app_name: str = "recsys"
     log_level: str = "WARN"
     extra: dict[str, str] = field(default_factory=dict)
