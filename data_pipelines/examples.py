@@ -120,7 +120,10 @@ def context(df: DataFrame, has_ts: bool) -> DataFrame:
 def build_examples(
     ev: DataFrame, lists: DataFrame, cfg: DataConfig, has_ts: bool, event_codes: dict[str, int]
 ) -> DataFrame:
-    """Examples of every split: EXAMPLE_COLUMNS plus ``split`` and ``rid``.
+    """Examples of every split: EXAMPLE_COLUMNS plus ``rid`` and ``split``, in (user_idx, ts, rid) order within partitions.
+
+    The order is what Spark produces, not a guarantee: the writer checks it
+    (:func:`data_pipelines.part_files.split_part`).
 
     Args:
         ev: indexed events with ``split`` (user_idx, product_idx, seller_idx, event, ts, rid, ...),
@@ -130,21 +133,27 @@ def build_examples(
         has_ts: whether the events have timestamps.
         event_codes: event type -> code.
     """
-    k1, k2 = _order_key(has_ts, seed=cfg.seed)
-    if has_ts:
-        # a range frame on ts ending one second before: the events strictly before the example
-        w = Window.partitionBy("user_idx").orderBy("ts").rangeBetween(Window.unboundedPreceding, -1)
-    else:
-        # a range frame to the current row counts the row and its peers (equal keys): deterministic
-        w = Window.partitionBy("user_idx").orderBy(k1, k2).rangeBetween(Window.unboundedPreceding, Window.currentRow)
     known = F.col("product_idx") > 0
     vis_t = (known & (F.col("split") == "train")).cast("int")
     vis_tv = (known & F.col("split").isin("train", "val")).cast("int")
-    x = ev.where(F.col("user_idx") > 0).select(
-        "*",
-        F.coalesce(F.sum(vis_t).over(w), F.lit(0)).alias("_pt"),
-        F.coalesce(F.sum(vis_tv).over(w), F.lit(0)).alias("_ptv"),
-    )
+    x = ev.where(F.col("user_idx") > 0)
+    upto = (Window.unboundedPreceding, Window.currentRow)
+    if has_ts:
+        # (visible events up to this row in (ts, rid) order) - (those with this row's ts up to it)
+        # = visible events strictly before ts. Both windows need the rows sorted by
+        # (user_idx, ts, rid): one sort, which is also the order the examples are written in.
+        w_upto = Window.partitionBy("user_idx").orderBy("ts", "rid").rangeBetween(*upto)
+        w_tie = Window.partitionBy("user_idx", "ts").orderBy("rid").rangeBetween(*upto)
+        x = x.select(
+            "*",
+            (F.sum(vis_t).over(w_upto) - F.sum(vis_t).over(w_tie)).alias("_pt"),
+            (F.sum(vis_tv).over(w_upto) - F.sum(vis_tv).over(w_tie)).alias("_ptv"),
+        )
+    else:
+        # a range frame to the current row counts the row and its peers (equal keys): deterministic
+        k1, k2 = _order_key(has_ts, seed=cfg.seed)
+        w = Window.partitionBy("user_idx").orderBy(k1, k2).rangeBetween(*upto)
+        x = x.select("*", F.sum(vis_t).over(w).alias("_pt"), F.sum(vis_tv).over(w).alias("_ptv"))
     codes = [event_codes[t] for t in cfg.positive_events if t in event_codes]
     pos = x.where(known & (F.col("event").isin(*codes) if codes else F.lit(False)))
     # the train and train+val lists, filtered once per user (not once per example)
@@ -184,7 +193,9 @@ def build_examples(
         "split",
     )
     assert tuple(out.columns[:-2]) == EXAMPLE_COLUMNS
-    return out
+    # With time the rows are already in (user_idx, ts, rid) order within each partition (the
+    # window's sort; the join streams them in order). Without, the window's order is random.
+    return out if has_ts else out.sortWithinPartitions("user_idx", "ts", "rid")
 
 
 def user_histories(lists: DataFrame, max_code: int | None, max_len: int) -> DataFrame:

@@ -8,7 +8,7 @@ manifest (:func:`recsys.artifacts.atomic_artifact`).
 Spark writes each output as part files; a pyarrow pass then rewrites them with exactly
 ``data.rows_per_row_group`` rows per row group, the exact schema, and deterministic file names
 (``examples/<split>/part-00000.parquet``...; single-file tables as ``NAME.parquet``), so a rerun on
-the same inputs gives byte-identical files.
+the same inputs gives byte-identical files (:mod:`data_pipelines.part_files`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import contextlib
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from data_pipelines.io import (
     normalise_columns,
     read_tables,
 )
+from data_pipelines.part_files import target_schema, write_parquet, write_split
 from data_pipelines.schema import EVENT_CODE, EXAMPLE_COLUMNS, SPLITS, VOCABS
 from data_pipelines.splits import assign_splits
 from data_pipelines.validation import all_timestamps_missing, validate_tables
@@ -86,7 +86,7 @@ Progress = Callable[[str], None] | None
 class PreparedFrames:
     """Everything ``prepare`` writes, as DataFrames, plus ``info`` for the manifest."""
 
-    examples: DataFrame  # EXAMPLE_COLUMNS + split, sorted by (split, user_idx, ts) within partitions
+    examples: DataFrame  # EXAMPLE_COLUMNS + rid + split, in (user_idx, ts, rid) order within partitions
     vocabs: dict[str, DataFrame]  # name -> id, index, count (small tables are sorted when written)
     product_features: DataFrame
     seller_features: DataFrame
@@ -213,7 +213,9 @@ def _prepare_tables(
     # The one shuffle of the events by user: the per-user windows of the split and the lists and
     # windows of the examples below are partitioned by (a superset of) user_idx and reuse it.
     ev = ev.repartition("user_idx")
-    ev, split_info = assign_splits(ev, cfg, has_ts, positive_codes, by=("user_idx", "user_id"))
+    ev, split_info = assign_splits(
+        ev, cfg, has_ts, positive_codes, by=("user_idx", "user_id"), cutoff_events=acc["events"]
+    )
     ev = keep(ev.select("user_idx", "product_idx", "seller_idx", "event", "ts", "price", "rid", "split"))
     is_pos = F.col("event").isin(*positive_codes) if positive_codes else F.lit(False)
     stats = (
@@ -243,15 +245,11 @@ def _prepare_tables(
     timings["split"] = time.time() - t
 
     # 4. examples and histories (lazy; computed when written) ---------------------------------
-    lists = keep(ex_mod.user_lists(ev, has_ts, cfg.seed))
-    # Rows are hash-partitioned by user_idx already: sorting within partitions gives a
-    # deterministic order without the sampling job and shuffle of a global sort (split first:
-    # the examples are written partitioned by split).
-    examples = (
-        ex_mod.build_examples(ev, lists, cfg, has_ts, codes)
-        .sortWithinPartitions("split", "user_idx", "ts", "rid")
-        .select(*EXAMPLE_COLUMNS, "split")
-    )
+    # sorted once here, so neither the examples' join nor the histories sort these wide rows again
+    lists = keep(ex_mod.user_lists(ev, has_ts, cfg.seed).sortWithinPartitions("user_idx"))
+    # Rows are hash-partitioned by user_idx and ordered by (user_idx, ts, rid) within partitions:
+    # a deterministic order without the sampling job and shuffle of a global sort.
+    examples = ex_mod.build_examples(ev, lists, cfg, has_ts, codes).select(*EXAMPLE_COLUMNS, "rid", "split")
     hist_len = 4 * int(cfg.max_history)
     histories = {
         "train": ex_mod.user_histories(lists, ex_mod.SPLIT_CODE["train"], hist_len).sortWithinPartitions("user_idx"),
@@ -324,113 +322,6 @@ def _prepare_tables(
 # ----------------------------------------------------------------------------------------------
 
 
-def _target_schema(read: pa.Schema, target: pa.Schema | None) -> pa.Schema:
-    if target is not None:
-        return target
-    return pa.schema([pa.field(f.name, f.type) for f in read])
-
-
-def _rewrite(parts: list[Path], dst: Path, rows: int, target: pa.Schema | None, fallback: pa.Schema) -> int:
-    """Stream ``parts`` (in order) into ``dst`` with ``rows`` rows per row group; returns the row count."""
-    schema = None
-    writer = None
-    # Tables already cast to the target schema: a remainder kept from one flush is combined with
-    # batches of the next part file, whose raw schema (nullability, list field names) differs.
-    buf: list[pa.Table] = []
-    nbuf = 0
-    total = 0
-
-    def flush(final: bool) -> None:
-        nonlocal buf, nbuf, writer, total
-        if not buf:
-            return
-        tbl = pa.concat_tables(buf)
-        while tbl.num_rows >= rows or (final and tbl.num_rows):
-            chunk = tbl.slice(0, min(rows, tbl.num_rows))
-            writer.write_table(chunk, row_group_size=rows)
-            total += chunk.num_rows
-            tbl = tbl.slice(chunk.num_rows)
-        buf = [tbl] if tbl.num_rows else []
-        nbuf = tbl.num_rows
-
-    for p in parts:
-        pf = pq.ParquetFile(p)
-        if schema is None:
-            schema = _target_schema(pf.schema_arrow, target)
-            writer = pq.ParquetWriter(dst, schema, compression="snappy")
-        for b in pf.iter_batches(batch_size=rows):
-            buf.append(pa.Table.from_batches([b]).cast(schema))
-            nbuf += b.num_rows
-            if nbuf >= rows:
-                flush(False)
-    if schema is None:
-        schema = _target_schema(fallback, target)
-        writer = pq.ParquetWriter(dst, schema, compression="snappy")
-    flush(True)
-    writer.close()
-    return total
-
-
-def _commit_parts(
-    parts: list[Path], root: Path, rel: str, rows_per_group: int, single_file: bool, target: pa.Schema | None, fallback: pa.Schema
-) -> dict[str, Any]:
-    """Rewrite Spark part files as ``root/rel`` (a file when ``single_file``, else a folder of part files)."""
-    rows_per_group = max(int(rows_per_group), 1)
-    dst = root / rel
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if single_file:
-        n = _rewrite(parts, dst, rows_per_group, target, fallback)
-        files = [rel]
-    else:
-        dst.mkdir(parents=True, exist_ok=True)
-        nonempty = [p for p in parts if pq.ParquetFile(p).metadata.num_rows > 0] or parts[:1]
-        jobs = [([p], dst / f"part-{i:05d}.parquet") for i, p in enumerate(nonempty)] or [([], dst / "part-00000.parquet")]
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            counts = list(pool.map(lambda j: _rewrite(j[0], j[1], rows_per_group, target, fallback), jobs))
-        n = sum(counts)
-        files = [str(j[1].relative_to(root)) for j in jobs]
-    schema = pq.read_schema(root / files[0])
-    return {"rows": int(n), "schema": schema.to_string(show_schema_metadata=False), "files": files}
-
-
-def _spark_parts(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("part-*") if p.name.endswith(".parquet"))
-
-
-def write_parquet(
-    df: DataFrame, root: Path, rel: str, rows_per_group: int, single_file: bool, target: pa.Schema | None = None
-) -> dict[str, Any]:
-    """Write ``df`` as ``root/rel`` (a file when ``single_file``, else a folder of part files)."""
-    from pyspark.sql.pandas.types import to_arrow_schema
-
-    staging = root / "_spark" / rel
-    df.write.mode("overwrite").parquet(staging.resolve().as_uri())
-    out = _commit_parts(_spark_parts(staging), root, rel, rows_per_group, single_file, target, to_arrow_schema(df.schema))
-    shutil.rmtree(staging, ignore_errors=True)
-    return out
-
-
-def write_partitioned(
-    df: DataFrame, root: Path, rel: str, column: str, values: tuple[str, ...], rows_per_group: int, target: pa.Schema
-) -> dict[str, dict[str, Any]]:
-    """Write ``df`` in one Spark job as folders ``root/rel/<value>/part-*.parquet``, one per ``values``.
-
-    ``column`` (a string column holding one of ``values``) is not stored in the files. Returns
-    ``{value: output info}``; a value with no rows gets one empty part file.
-    """
-    from pyspark.sql.pandas.types import to_arrow_schema
-
-    staging = root / "_spark" / rel
-    df.write.mode("overwrite").partitionBy(column).parquet(staging.resolve().as_uri())
-    fallback = to_arrow_schema(df.drop(column).schema)
-    out = {}
-    for v in values:
-        parts = _spark_parts(staging / f"{column}={v}")
-        out[v] = _commit_parts(parts, root, f"{rel}/{v}", rows_per_group, False, target, fallback)
-    shutil.rmtree(staging, ignore_errors=True)
-    return out
-
-
 def collect_arrow(df: DataFrame) -> pa.Table:
     """A small DataFrame as an Arrow table (one collect job, no files)."""
     from pyspark.sql.pandas.types import to_arrow_schema
@@ -448,7 +339,7 @@ def write_small(
     tbl = collect_arrow(df)
     if sort_by and tbl.num_rows:
         tbl = tbl.sort_by([(c, "ascending") for c in sort_by])
-    tbl = tbl.cast(_target_schema(tbl.schema, target))
+    tbl = tbl.cast(target_schema(tbl.schema, target))
     dst = root / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(tbl, dst, row_group_size=max(int(rows_per_group), 1), compression="snappy")
@@ -461,7 +352,9 @@ def _write_all(pf: PreparedFrames, root: Path, rows_per_group: int, progress: Pr
     for name, df in pf.vocabs.items():
         outputs[f"vocab/{name}.parquet"] = write_small(df, root, f"vocab/{name}.parquet", rg, ["index"], VOCAB_ARROW_SCHEMA)
     _say(progress, "writing examples")
-    written = write_partitioned(pf.examples, root, "examples", "split", SPLITS, rg, EXAMPLE_ARROW_SCHEMA)
+    written = write_split(
+        pf.examples, root, "examples", "split", SPLITS, ["user_idx", "ts", "rid"], ["rid"], rg, EXAMPLE_ARROW_SCHEMA
+    )
     for split in SPLITS:
         outputs[f"examples/{split}"] = written[split]
     _say(progress, "writing features and histories")

@@ -60,8 +60,10 @@ def _is_pos(positive_codes: list[int]) -> Column:
     return F.col("event").isin(*positive_codes) if positive_codes else F.lit(False)
 
 
-def temporal(ev: DataFrame, cfg: DataConfig, positive_codes: list[int]) -> tuple[DataFrame, dict[str, Any]]:
-    pos = ev.where(_is_pos(positive_codes))
+def temporal(
+    ev: DataFrame, cfg: DataConfig, positive_codes: list[int], cutoff_events: DataFrame | None = None
+) -> tuple[DataFrame, dict[str, Any]]:
+    pos = (ev if cutoff_events is None else cutoff_events).where(_is_pos(positive_codes))
     qs = [max(0.0, 1.0 - cfg.test_fraction - cfg.val_fraction), max(0.0, 1.0 - cfg.test_fraction)]
     got = [q for q in (pos.approxQuantile("ts", qs, 1e-4) or []) if q is not None]
     if len(got) < 2:
@@ -129,7 +131,12 @@ def _carve(
 
 
 def assign_splits(
-    ev: DataFrame, cfg: DataConfig, has_ts: bool, positive_codes: list[int], by: tuple[str, ...] = ("user_id",)
+    ev: DataFrame,
+    cfg: DataConfig,
+    has_ts: bool,
+    positive_codes: list[int],
+    by: tuple[str, ...] = ("user_id",),
+    cutoff_events: DataFrame | None = None,
 ) -> tuple[DataFrame, dict[str, Any]]:
     """Add ``split`` to the events.
 
@@ -140,6 +147,8 @@ def assign_splits(
         positive_codes: event codes that are training positives.
         by: the columns that identify a user for the per-user windows; pass a column the events
             are already partitioned by first (``("user_idx", "user_id")``) to avoid a shuffle.
+        cutoff_events: the same events (``event`` and ``ts`` columns) to compute the temporal
+            cutoffs from, when that is cheaper than ``ev`` (a cached frame); default ``ev``.
 
     Returns:
         ``(events with split, info)``; ``info`` has method, requested, cutoffs and has_timestamps.
@@ -155,7 +164,7 @@ def assign_splits(
         "seed": cfg.seed,
     }
     if method == "temporal":
-        out, cut = temporal(ev, cfg, positive_codes)
+        out, cut = temporal(ev, cfg, positive_codes, cutoff_events)
         info["cutoffs"] = cut
     elif method == "leave_last_out":
         out = leave_last_out(ev, positive_codes, list(by))

@@ -1,11 +1,11 @@
-"""Streaming Spark part files into fixed-size row groups (``data_pipelines.prepare._rewrite``)."""
+"""Streaming Spark part files into fixed-size row groups (``data_pipelines.part_files.rewrite``)."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipelines.prepare import _rewrite
+from data_pipelines.part_files import rewrite as _rewrite
 
 
 def test_remainders_carry_across_part_files_with_a_different_raw_schema(tmp_path) -> None:

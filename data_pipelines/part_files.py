@@ -1,0 +1,267 @@
+"""Spark part files -> the prepared artifact's Parquet files (exact schema, fixed row groups, stable names).
+
+Spark writes each output as ``part-*`` files with its own schema flavour (nullable fields, list
+fields named ``element``) and row groups sized in bytes. This pyarrow pass rewrites them with
+exactly ``rows`` rows per row group, the target schema, and deterministic file names
+(``<folder>/part-00000.parquet``...; single-file tables as ``NAME.parquet``), so a rerun on the
+same inputs gives byte-identical files. Every function streams record batches: memory is bounded
+by a row group, not by a part file. :func:`write_split` skips Spark's writer altogether.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame
+
+THREADS = 4  # pyarrow releases the GIL while decoding and encoding
+
+
+def target_schema(read: pa.Schema, target: pa.Schema | None) -> pa.Schema:
+    """``target``, else ``read`` without its metadata."""
+    if target is not None:
+        return target
+    return pa.schema([pa.field(f.name, f.type) for f in read])
+
+
+class RowGroupWriter:
+    """Writes tables (already in ``schema``) to one Parquet file in row groups of exactly ``rows`` rows.
+
+    The last row group holds the remainder. Tables are buffered until a row group is full, so
+    batches of any size (and from several part files) can be added.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema, rows: int) -> None:
+        self.rows = max(int(rows), 1)
+        self.writer = pq.ParquetWriter(path, schema, compression="snappy")
+        self.buf: list[pa.Table] = []
+        self.n = 0
+        self.total = 0
+
+    def add(self, tbl: pa.Table) -> None:
+        if tbl.num_rows == 0:
+            return
+        self.buf.append(tbl)
+        self.n += tbl.num_rows
+        if self.n >= self.rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self.buf:
+            return
+        tbl = pa.concat_tables(self.buf)
+        while tbl.num_rows >= self.rows or (final and tbl.num_rows):
+            chunk = tbl.slice(0, min(self.rows, tbl.num_rows))
+            self.writer.write_table(chunk, row_group_size=self.rows)
+            self.total += chunk.num_rows
+            tbl = tbl.slice(chunk.num_rows)
+        self.buf = [tbl] if tbl.num_rows else []
+        self.n = tbl.num_rows
+
+    def close(self) -> int:
+        """Flush the remainder, close the file; returns the rows written."""
+        self._flush(final=True)
+        self.writer.close()
+        return self.total
+
+
+def rewrite(parts: list[Path], dst: Path, rows: int, target: pa.Schema | None, fallback: pa.Schema) -> int:
+    """Stream ``parts`` (in order) into ``dst`` with ``rows`` rows per row group; returns the row count.
+
+    Args:
+        parts: Spark part files, concatenated in this order.
+        dst: the output file.
+        rows: rows per row group.
+        target: the output schema (None: the first part's schema).
+        fallback: the schema when there are no parts (an empty file is written).
+    """
+    writer: RowGroupWriter | None = None
+    schema = None
+    for p in parts:
+        pf = pq.ParquetFile(p)
+        if writer is None:
+            schema = target_schema(pf.schema_arrow, target)
+            writer = RowGroupWriter(dst, schema, rows)
+        for b in pf.iter_batches(batch_size=max(int(rows), 1)):
+            # cast per batch: a remainder carried over from one part combines with the next
+            # part's batches only once both are in the target schema
+            writer.add(pa.Table.from_batches([b]).cast(schema))
+    if writer is None:
+        writer = RowGroupWriter(dst, target_schema(fallback, target), rows)
+    return writer.close()
+
+
+def _is_sorted(keys: pa.Table) -> bool:
+    """True when the rows are in ascending lexicographic order of the (integer) key columns."""
+    if keys.num_rows < 2:
+        return True
+    cols = [np.asarray(keys.column(i).to_numpy(zero_copy_only=False)) for i in range(keys.num_columns)]
+    le = np.zeros(keys.num_rows - 1, dtype=bool)  # decided: strictly increasing on an earlier key
+    eq = np.ones(keys.num_rows - 1, dtype=bool)  # tied on every key so far
+    for c in cols:
+        a, b = c[:-1], c[1:]
+        le |= eq & (a < b)
+        eq &= a == b
+    return bool(np.all(le | eq))
+
+
+def split_batches(
+    batches: Iterator[pa.RecordBatch],
+    dsts: dict[str, Path],
+    column: str,
+    order: list[str],
+    drop: list[str],
+    rows: int,
+    target: pa.Schema,
+    where: str = "partition",
+) -> dict[str, int]:
+    """Stream record batches into one Parquet file per value of ``column``.
+
+    Args:
+        batches: rows with ``column``, the ``order`` columns and the target columns.
+        dsts: value of ``column`` -> output file (a value with no rows gets no file).
+        column: the string column that routes rows.
+        order: integer key columns the rows must already be sorted by (ascending): the output
+            order is then the input order, and an out-of-order row is an error, not a silently
+            different file.
+        drop: columns not written (besides ``column``).
+        rows: rows per row group.
+        target: the output schema.
+        where: names the input in error messages.
+
+    Returns:
+        ``{value: rows written}`` for the values that had rows.
+    """
+    writers: dict[str, RowGroupWriter] = {}
+    last: pa.Table | None = None
+    for b in batches:
+        if b.num_rows == 0:
+            continue
+        tbl = pa.Table.from_batches([b])
+        keys = tbl.select(order)
+        if not _is_sorted(keys if last is None else pa.concat_tables([last, keys])):
+            raise RuntimeError(f"{where}: rows are not in ({', '.join(order)}) order; the writer relies on it")
+        last = keys.slice(keys.num_rows - 1)
+        for value in pc.unique(tbl[column]).to_pylist():
+            if value not in dsts:
+                raise ValueError(f"{where}: unexpected {column} value {value!r} (expected one of {sorted(dsts)})")
+            sub = tbl.filter(pc.equal(tbl[column], value)).drop_columns([column, *drop]).cast(target)
+            if value not in writers:
+                writers[value] = RowGroupWriter(dsts[value], target, rows)
+            writers[value].add(sub)
+    return {value: w.close() for value, w in writers.items()}
+
+
+def _split_task(folder: str, column: str, values: tuple[str, ...], order: list[str], drop: list[str], rows: int, target: pa.Schema):
+    """The ``mapInArrow`` function of :func:`write_split`: one task writes its partition's files."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        pid, attempt = ctx.partitionId(), ctx.attemptNumber()
+        # written under an attempt-specific name, renamed when complete: a retried or speculative
+        # attempt never leaves a half-written file under the final name
+        tmp = {v: Path(folder) / v / f"_s{pid:05d}.{attempt}.tmp" for v in values}
+        counts = split_batches(batches, tmp, column, order, drop, rows, target, where=f"partition {pid}")
+        for v in counts:
+            tmp[v].replace(Path(folder) / v / f"_s{pid:05d}.parquet")
+        yield pa.RecordBatch.from_pydict(
+            {"value": list(counts), "part": [pid] * len(counts), "rows": list(counts.values())},
+            schema=pa.schema([("value", pa.string()), ("part", pa.int32()), ("rows", pa.int64())]),
+        )
+
+    return run
+
+
+def _info(root: Path, files: list[str], n: int) -> dict[str, Any]:
+    schema = pq.read_schema(root / files[0])
+    return {"rows": int(n), "schema": schema.to_string(show_schema_metadata=False), "files": files}
+
+
+def commit_parts(
+    parts: list[Path], root: Path, rel: str, rows: int, single_file: bool, target: pa.Schema | None, fallback: pa.Schema
+) -> dict[str, Any]:
+    """Rewrite Spark part files as ``root/rel`` (a file when ``single_file``, else a folder of part files).
+
+    Returns ``{"rows", "schema", "files"}`` (files relative to ``root``).
+    """
+    dst = root / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if single_file:
+        return _info(root, [rel], rewrite(parts, dst, rows, target, fallback))
+    dst.mkdir(parents=True, exist_ok=True)
+    nonempty = [p for p in parts if pq.ParquetFile(p).metadata.num_rows > 0] or parts[:1]
+    jobs = [([p], dst / f"part-{i:05d}.parquet") for i, p in enumerate(nonempty)] or [([], dst / "part-00000.parquet")]
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        counts = list(pool.map(lambda j: rewrite(j[0], j[1], rows, target, fallback), jobs))
+    return _info(root, [str(j[1].relative_to(root)) for j in jobs], sum(counts))
+
+
+def spark_parts(folder: Path) -> list[Path]:
+    """The Parquet part files Spark wrote into ``folder``, in name (= partition) order."""
+    return sorted(p for p in folder.glob("part-*") if p.name.endswith(".parquet"))
+
+
+def write_parquet(
+    df: DataFrame, root: Path, rel: str, rows: int, single_file: bool, target: pa.Schema | None = None
+) -> dict[str, Any]:
+    """Write ``df`` as ``root/rel`` (a file when ``single_file``, else a folder of part files)."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    staging = root / "_spark" / rel
+    df.write.mode("overwrite").parquet(staging.resolve().as_uri())
+    out = commit_parts(spark_parts(staging), root, rel, rows, single_file, target, to_arrow_schema(df.schema))
+    shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def write_split(
+    df: DataFrame,
+    root: Path,
+    rel: str,
+    column: str,
+    values: tuple[str, ...],
+    order: list[str],
+    drop: list[str],
+    rows: int,
+    target: pa.Schema,
+) -> dict[str, dict[str, Any]]:
+    """Write ``df`` as folders ``root/rel/<value>/part-*.parquet``, one per value of ``column``, in one Spark job.
+
+    Each task hands its partition to pyarrow (``mapInArrow``), which writes the final files
+    directly: no Spark Parquet files to rewrite, and Arrow conversion is much cheaper than Spark's
+    Parquet writer for the list columns (10M examples: 22 s against 30 s plus a 11 s rewrite).
+    The rows must arrive in ``order`` within each partition (:func:`split_batches`). File
+    ``part-<i>`` of a value holds the i-th Spark partition that has rows of it; a value with no
+    rows gets one empty file. As with Spark's own writer, ``root`` must be a filesystem the
+    executors share, and they need this package installed.
+
+    Returns:
+        ``{value: {"rows", "schema", "files"}}``.
+    """
+    folder = root / rel
+    for v in values:
+        (folder / v).mkdir(parents=True, exist_ok=True)
+    fn = _split_task(str(folder.resolve()), column, values, order, drop, max(int(rows), 1), target)
+    written = df.mapInArrow(fn, "value string, part int, rows long").collect()
+    out = {}
+    for v in values:
+        mine = sorted((int(r["part"]), int(r["rows"])) for r in written if r["value"] == v)
+        files = []
+        for j, (pid, _) in enumerate(mine):
+            (folder / v / f"_s{pid:05d}.parquet").rename(folder / v / f"part-{j:05d}.parquet")
+            files.append(f"{rel}/{v}/part-{j:05d}.parquet")
+        if not files:
+            RowGroupWriter(folder / v / "part-00000.parquet", target, rows).close()
+            files = [f"{rel}/{v}/part-00000.parquet"]
+        out[v] = _info(root, files, sum(n for _, n in mine))
+    return out
