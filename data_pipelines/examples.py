@@ -10,7 +10,7 @@ user's events of every type, restricted to the splits an example may see:
 
 Cost: the events arrive partitioned by ``user_idx`` (``prepare`` repartitions them once), so
 nothing here shuffles them again. Each user's events are collected and sorted once
-(:func:`user_lists`, ``array_sort`` on structs), with their split; the train and train+val lists
+(:func:`user_lists`), with their split; the train and train+val lists
 are filtered from it once per user. One window over the events gives every example its position in
 both lists (running counts of the visible events before it); the history is then a ``slice`` of the
 list (O(max_history) per example). Events with an unknown product (index 0) are left out of
@@ -54,10 +54,11 @@ SPLIT_CODE = {"train": 0, "val": 1, "test": 2}  # lists keep a split code per ev
 
 
 def user_lists(ev: DataFrame, has_ts: bool, seed: int) -> DataFrame:
-    """Per user (``user_idx`` > 0): ``_l``, every event with a known product, sorted in event order.
+    """Per user (``user_idx`` > 0): every event with a known product, in event order, as parallel arrays.
 
-    Each element is a struct ``k1, k2`` (order keys), ``p`` (product), ``s`` (seller), ``t`` (event
-    code), ``v`` (split code, :data:`SPLIT_CODE`).
+    Columns ``hp`` (products), ``hs`` (sellers), ``ht`` (event codes, int8), ``hv`` (split codes,
+    :data:`SPLIT_CODE`, int8). The order keys are dropped once sorted: the cached lists hold
+    10 bytes per event, not a struct row per event.
     """
     h = ev.where((F.col("product_idx") > 0) & (F.col("user_idx") > 0))
     k1, k2 = _order_key(has_ts, seed)
@@ -72,12 +73,22 @@ def user_lists(ev: DataFrame, has_ts: bool, seed: int) -> DataFrame:
         F.col("event").cast("byte").alias("t"),
         v.alias("v"),
     ]
-    return h.groupBy("user_idx").agg(F.array_sort(F.collect_list(F.struct(*fields))).alias("_l"))
+    # array_sort: collect_list's order is not guaranteed (the aggregate may fall back to sorting);
+    # on events that arrive in order (prepare caches them sorted) the sort is a linear pass
+    g = h.groupBy("user_idx").agg(F.array_sort(F.collect_list(F.struct(*fields))).alias("_l"))
+    return g.select("user_idx", *[F.transform("_l", _field(f)).alias("h" + f) for f in ("p", "s", "t", "v")])
 
 
-def _visible(lists: Column, max_code: int | None) -> Column:
-    """The elements of the splits with code <= ``max_code`` (all when None)."""
-    return lists if max_code is None else F.filter(lists, lambda x: x["v"] <= max_code)
+def _field(name: str):
+    """A one-argument lambda for ``F.transform`` (a default argument would make it take the index)."""
+    return lambda e: e[name]
+
+
+def _visible(arr: str, max_code: int | None) -> Column:
+    """The elements of array column ``arr`` whose event is in a split with code <= ``max_code`` (all when None)."""
+    if max_code is None:
+        return F.col(arr)
+    return F.filter(arr, lambda x, i: F.element_at(F.col("hv"), i + 1) <= max_code)
 
 
 def _history(hp: Column, hs: Column, p: Column, has_ts: bool, max_history: int, own: int) -> tuple[Column, Column]:
@@ -140,8 +151,8 @@ def build_examples(
     upto = (Window.unboundedPreceding, Window.currentRow)
     if has_ts:
         # (visible events up to this row in (ts, rid) order) - (those with this row's ts up to it)
-        # = visible events strictly before ts. Both windows need the rows sorted by
-        # (user_idx, ts, rid): one sort, which is also the order the examples are written in.
+        # = visible events strictly before ts. Both windows read the rows in (user_idx, ts, rid)
+        # order: the order prepare caches the events in (no sort) and writes the examples in.
         w_upto = Window.partitionBy("user_idx").orderBy("ts", "rid").rangeBetween(*upto)
         w_tie = Window.partitionBy("user_idx", "ts").orderBy("rid").rangeBetween(*upto)
         x = x.select(
@@ -157,16 +168,13 @@ def build_examples(
     codes = [event_codes[t] for t in cfg.positive_events if t in event_codes]
     pos = x.where(known & (F.col("event").isin(*codes) if codes else F.lit(False)))
     # the train and train+val lists, filtered once per user (not once per example)
+    train, trainval = SPLIT_CODE["train"], SPLIT_CODE["val"]
     vis = lists.select(
         "user_idx",
-        _visible(F.col("_l"), SPLIT_CODE["train"]).alias("_lt"),
-        _visible(F.col("_l"), SPLIT_CODE["val"]).alias("_ltv"),
-    ).select(
-        "user_idx",
-        F.transform("_lt", lambda e: e["p"]).alias("_hpt"),
-        F.transform("_lt", lambda e: e["s"]).alias("_hst"),
-        F.transform("_ltv", lambda e: e["p"]).alias("_hptv"),
-        F.transform("_ltv", lambda e: e["s"]).alias("_hstv"),
+        _visible("hp", train).alias("_hpt"),
+        _visible("hs", train).alias("_hst"),
+        _visible("hp", trainval).alias("_hptv"),
+        _visible("hs", trainval).alias("_hstv"),
     )
     j = pos.join(vis, "user_idx", "left")
     empty = F.array().cast("array<int>")
@@ -206,13 +214,12 @@ def user_histories(lists: DataFrame, max_code: int | None, max_len: int) -> Data
         max_code: the splits to keep (:data:`SPLIT_CODE` <= max_code), None for all.
         max_len: the cap.
     """
-    v = lists.select("user_idx", _visible(F.col("_l"), max_code).alias("_v")).where(F.size("_v") > 0)
-    n = F.size("_v")
+    v = lists.select("user_idx", *[_visible(c, max_code).alias(c) for c in ("hp", "hs", "ht")]).where(F.size("hp") > 0)
+    n = F.size("hp")
     start = F.greatest(n - int(max_len), F.lit(0)) + 1
-    last = F.slice("_v", start, int(max_len))
     return v.select(
         F.col("user_idx").cast("int"),
-        F.transform(last, lambda e: e["p"]).cast("array<int>").alias("products"),
-        F.transform(last, lambda e: e["s"]).cast("array<int>").alias("sellers"),
-        F.transform(last, lambda e: e["t"]).cast("array<tinyint>").alias("types"),
+        F.slice("hp", start, int(max_len)).cast("array<int>").alias("products"),
+        F.slice("hs", start, int(max_len)).cast("array<int>").alias("sellers"),
+        F.slice("ht", start, int(max_len)).cast("array<tinyint>").alias("types"),
     )

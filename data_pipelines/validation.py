@@ -135,6 +135,12 @@ class Flagged:
         )
         return bad.unionByName(dup).drop("_k")
 
+    def slimmed(self) -> DataFrame:
+        """The frame with the raw columns kept only where :meth:`rejected` reads them (rejected or
+        duplicated rows): the cached copy of a large table then holds its typed columns once."""
+        keep = F.col("_reason").isNotNull() | (F.col("_n") > 1)
+        return self.frame.withColumns({c: F.when(keep, qcol(c)) for c in self.raw_columns})
+
     def counts(self) -> dict[str, Any]:
         """``{"input", "accepted", "duplicates", "rejected": {reason: n}}`` (runs one small job)."""
         rows = (
