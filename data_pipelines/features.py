@@ -121,7 +121,10 @@ def product_features(
     cutoff: int | None,
     event_codes: dict[str, int],
 ) -> tuple[DataFrame, dict[str, Any]]:
-    """One row per product index (0..N); see the module docstring. Returns (frame, info)."""
+    """One row per product index (0..N); see the module docstring.
+
+    Returns ``(frame, info)``; ``info["persisted"]`` lists the frames cached here (runs two small jobs).
+    """
     base = _index_frame(vocabs["products"], "product_idx")
     if products is not None:
         pv = vocabs["products"].select(F.col("id").alias("product_id"), F.col("index").alias("product_idx"))
@@ -155,7 +158,7 @@ def product_features(
         F.min(priced_price).alias("_min_offer"),
     )
     w = _event_weight(cfg, event_codes)
-    aggs = [F.median("price").alias("_med_event"), F.sum(w).alias("_pop_all"), F.min("ts").alias("_first_ts")]
+    aggs = [F.sum(w).alias("_pop_all"), F.min("ts").alias("_first_ts")]
     for d in cfg.popularity_windows_days:
         if cutoff is not None:
             inwin = F.col("ts") > F.lit(int(cutoff) - int(d) * DAY)
@@ -163,7 +166,24 @@ def product_features(
         else:
             aggs.append(F.lit(0.0).alias(f"_pop_{int(d)}"))
     evs = train_ev.where(F.col("product_idx") > 0).groupBy("product_idx").agg(*aggs)
-    base = base.join(off, "product_idx", "left").join(evs, "product_idx", "left")
+    base = base.join(off, "product_idx", "left").join(evs, "product_idx", "left").persist()
+    persisted = [base]
+    # The median train-event price is only a fallback, for products with neither a catalog nor an
+    # offer price: an exact median holds every price of its group, so it is computed for those only.
+    missing = base.where(
+        F.col("catalog_price").isNull() & F.col("_med_offer").isNull() & (F.col("product_idx") > 0)
+    ).select("product_idx")
+    n_missing = missing.count()
+    if n_missing:
+        missing = F.broadcast(missing) if n_missing <= cfg.spark.broadcast_vocab_rows else missing
+        med = (
+            train_ev.join(missing, "product_idx", "left_semi")
+            .groupBy("product_idx")
+            .agg(F.median("price").alias("_med_event"))
+        )
+        base = base.join(med, "product_idx", "left")
+    else:
+        base = base.withColumn("_med_event", F.lit(None).cast("double"))
 
     price = F.coalesce(F.col("catalog_price"), F.col("_med_offer"), F.col("_med_event"))
     band_w = Window.partitionBy(F.coalesce(F.col("cat_l1"), F.lit(0)), price.isNull()).orderBy(price, "product_idx")
@@ -204,6 +224,7 @@ def product_features(
         }
     )
     base = base.persist()
+    persisted.append(base)
     base, scales, _ = _scale(base, raw, "product_idx")
     base = base.withColumn("price_band", (F.col("price_band_idx") / float(cfg.price_bands)).cast("float"))
     scales["price_band"] = float(cfg.price_bands)
@@ -219,7 +240,7 @@ def product_features(
         F.col("raw_n_sellers").cast("int"),
         F.col("raw_age_days").cast("float"),
     )
-    return out, {"features": names, "scales": scales, "persisted": base}
+    return out, {"features": names, "scales": scales, "persisted": persisted}
 
 
 def seller_features(
@@ -295,7 +316,12 @@ def seller_features(
         F.col("raw_sales").cast("int"),
         F.col("raw_age_days").cast("float"),
     )
-    return out, {"features": list(SELLER_FEATURE_NAMES), "scales": scales, "mean_rating": mean_rating, "persisted": base}
+    return out, {
+        "features": list(SELLER_FEATURE_NAMES),
+        "scales": scales,
+        "mean_rating": mean_rating,
+        "persisted": [base],
+    }
 
 
 def product_freq(vocabs: dict[str, DataFrame], train_positives: DataFrame) -> DataFrame:

@@ -178,6 +178,7 @@ def _prepare_tables(
 
     def count_events() -> None:
         fl = flagged["events"]
+        # the cached copy keeps raw columns only where rejected rows need them
         fl.frame = fl.slimmed().persist(StorageLevel.MEMORY_AND_DISK)
         validation["events"] = fl.counts()
 
@@ -198,7 +199,9 @@ def _prepare_tables(
     # 2. vocabularies -------------------------------------------------------------------------
     _say(progress, "building vocabularies")
     t = time.time()
-    vocabs = build_vocabs(spark, acc["events"], acc.get("products"), acc.get("offers"), acc.get("sellers"), cfg)
+    vocabs = build_vocabs(
+        spark, acc["events"], acc.get("products"), acc.get("offers"), acc.get("sellers"), cfg, cache=keep
+    )
     vocab_rows: dict[str, int] = {}
     for name in VOCABS:
         vocabs[name] = keep(vocabs[name])
@@ -278,9 +281,9 @@ def _prepare_tables(
     pfeat, pinfo = feat_mod.product_features(
         vocabs, acc.get("products"), feat_offers, train_ev, cfg, cutoff, codes
     )
-    persisted.append(pinfo.pop("persisted"))
+    persisted.extend(pinfo.pop("persisted"))
     sfeat, sinfo = feat_mod.seller_features(vocabs, acc.get("sellers"), feat_offers, train_ev, cutoff, codes)
-    persisted.append(sinfo.pop("persisted"))
+    persisted.extend(sinfo.pop("persisted"))
     train_pos = pos_all.where(
         (F.col("split") == "train") & (F.col("user_idx") > 0) & (F.col("product_idx") > 0)
     )

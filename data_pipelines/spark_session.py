@@ -74,6 +74,13 @@ def get_spark(cfg: SparkConfig | None = None):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    local = cfg.master.startswith("local")
+    driver_java = "-Duser.timezone=UTC"
+    if local:
+        # One JVM does everything: the throughput collector suits a batch job, and shuffle files
+        # never cross a network, so compressing them only costs CPU. Together: 10M-event prepare
+        # 140 s -> 131 s on 2 cores. Cluster masters keep Spark's defaults.
+        driver_java += " -XX:+UseParallelGC"
     builder = (
         SparkSession.builder.master(cfg.master)
         .appName(cfg.app_name)
@@ -84,9 +91,11 @@ def get_spark(cfg: SparkConfig | None = None):
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.adaptive.enabled", "true")
-        .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
+        .config("spark.driver.extraJavaOptions", driver_java)
         .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC")
     )
+    if local:
+        builder = builder.config("spark.shuffle.compress", "false").config("spark.shuffle.spill.compress", "false")
     for k, v in cfg.extra.items():
         builder = builder.config(k, v)
     spark = builder.getOrCreate()

@@ -9,6 +9,8 @@ counted in catalog products, like brands.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -59,6 +61,24 @@ def category_prefixes(category: F.Column) -> F.Column:
     return F.when(F.size(parts) > 0, prefixes).otherwise(F.array().cast("array<string>"))
 
 
+def id_counts(events: DataFrame) -> DataFrame:
+    """``(kind, id, count)``: events per user, product and seller id (kind ``user|product|seller``), null ids left out.
+
+    One pass over the events for all three (three separate aggregations would scan them three
+    times); persist the result when it is read more than once.
+    """
+    ids = F.explode(
+        F.array(
+            *[
+                F.struct(F.lit(kind).alias("kind"), F.col(col).cast("string").alias("id"))
+                for kind, col in (("user", "user_id"), ("product", "product_id"), ("seller", "seller_id"))
+            ]
+        )
+    )
+    x = events.select(ids.alias("_x")).select("_x.kind", "_x.id").where(F.col("id").isNotNull())
+    return x.groupBy("kind", "id").agg(F.count(F.lit(1)).alias("count"))
+
+
 def empty_vocab(spark: SparkSession) -> DataFrame:
     return spark.createDataFrame([], VOCAB_SCHEMA)
 
@@ -70,17 +90,24 @@ def build_vocabs(
     offers: DataFrame | None,
     sellers: DataFrame | None,
     cfg: DataConfig,
+    cache: Callable[[DataFrame], DataFrame] | None = None,
 ) -> dict[str, DataFrame]:
     """Build the five vocabularies from typed accepted tables (see :mod:`data_pipelines.validation`).
+
+    ``cache`` persists the event id counts the user, product and seller vocabularies share (the
+    caller unpersists them); without it they are recomputed for each.
 
     Returns:
         ``{"users", "products", "sellers", "categories", "brands"}`` -> ``(id, index, count)``.
     """
     out: dict[str, DataFrame] = {}
-    uc = events.groupBy(F.col("user_id").alias("id")).agg(F.count(F.lit(1)).alias("count"))
+    counts = id_counts(events)
+    if cache is not None:
+        counts = cache(counts)
+    uc = counts.where(F.col("kind") == "user").drop("kind")
     out["users"] = rank(uc.where(F.col("count") >= max(int(cfg.min_user_count), 1)))
 
-    pc = events.groupBy(F.col("product_id").alias("id")).agg(F.count(F.lit(1)).alias("count"))
+    pc = counts.where(F.col("kind") == "product").drop("kind")
     p_anchor = []
     if products is not None:
         p_anchor.append(products.select(F.col("product_id").alias("id")))
@@ -88,11 +115,7 @@ def build_vocabs(
         p_anchor.append(offers.select(F.col("product_id").alias("id")))
     out["products"] = rank(_with_anchors(pc, p_anchor, cfg.min_product_count))
 
-    sc = (
-        events.where(F.col("seller_id").isNotNull())
-        .groupBy(F.col("seller_id").alias("id"))
-        .agg(F.count(F.lit(1)).alias("count"))
-    )
+    sc = counts.where(F.col("kind") == "seller").drop("kind")
     s_anchor = []
     if sellers is not None:
         s_anchor.append(sellers.select(F.col("seller_id").alias("id")))

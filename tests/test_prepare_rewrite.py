@@ -1,4 +1,4 @@
-"""Streaming Spark part files into fixed-size row groups (``data_pipelines.part_files.rewrite``)."""
+"""Part files into the artifact's Parquet files (``data_pipelines.part_files``): fixed-size row groups, exact schema, split by a column."""
 
 from __future__ import annotations
 
@@ -36,3 +36,81 @@ def test_no_parts_writes_an_empty_file_with_the_schema(tmp_path) -> None:
     dst = tmp_path / "empty.parquet"
     assert _rewrite([], dst, 4, None, raw) == 0
     assert pq.read_table(dst).schema == raw and pq.read_table(dst).num_rows == 0
+
+
+def _batches(rows: dict, size: int) -> list[pa.RecordBatch]:
+    return pa.table(rows).to_batches(max_chunksize=size)
+
+
+SPLIT_TARGET = pa.schema([("user_idx", pa.int32()), ("ts", pa.int64()), ("hist", pa.list_(pa.int32()))])
+
+
+def test_split_batches_routes_rows_keeps_order_and_sizes_row_groups(tmp_path) -> None:
+    from data_pipelines.part_files import split_batches
+
+    n = 23
+    rows = {
+        "user_idx": pa.array([i // 4 for i in range(n)], pa.int32()),
+        "ts": pa.array([i % 4 for i in range(n)], pa.int64()),
+        "rid": pa.array(range(n), pa.int64()),
+        # raw list field named like Spark's Arrow output; the target names it "item"
+        "hist": pa.array([[i] * (i % 3) for i in range(n)], pa.list_(pa.field("element", pa.int32()))),
+        "split": pa.array(["test" if i % 5 == 0 else "train" for i in range(n)]),
+    }
+    dsts = {v: tmp_path / f"{v}.parquet" for v in ("train", "val", "test")}
+    counts = split_batches(iter(_batches(rows, 6)), dsts, "split", ["user_idx", "ts", "rid"], ["rid"], 4, SPLIT_TARGET)
+    assert counts == {"train": 18, "test": 5}  # no rows, no file
+    assert not dsts["val"].exists()
+    train = pq.ParquetFile(dsts["train"])
+    assert train.schema_arrow == SPLIT_TARGET
+    assert [train.metadata.row_group(i).num_rows for i in range(train.num_row_groups)] == [4, 4, 4, 4, 2]
+    got = train.read()
+    want = [i for i in range(n) if i % 5]
+    assert got["user_idx"].to_pylist() == [i // 4 for i in want]
+    assert got["hist"].to_pylist() == [[i] * (i % 3) for i in want]
+    assert pq.read_table(dsts["test"])["ts"].to_pylist() == [i % 4 for i in range(0, n, 5)]
+
+
+def test_split_batches_refuses_rows_out_of_order_even_across_batches(tmp_path) -> None:
+    import pytest
+
+    from data_pipelines.part_files import split_batches
+
+    rows = {
+        "user_idx": pa.array([1, 1, 2, 2, 1], pa.int32()),  # the last row goes back to user 1
+        "ts": pa.array([1, 2, 1, 2, 3], pa.int64()),
+        "rid": pa.array([0, 0, 0, 0, 0], pa.int64()),
+        "hist": pa.array([[], [], [], [], []], pa.list_(pa.int32())),
+        "split": pa.array(["train"] * 5),
+    }
+    dsts = {"train": tmp_path / "train.parquet"}
+    with pytest.raises(RuntimeError, match=r"partition 3: rows are not in \(user_idx, ts, rid\) order"):
+        split_batches(iter(_batches(rows, 2)), dsts, "split", ["user_idx", "ts", "rid"], ["rid"], 4, SPLIT_TARGET,
+                      where="partition 3")
+    with pytest.raises(ValueError, match="unexpected split value 'val'"):
+        split_batches(iter(_batches({**rows, "user_idx": pa.array([1, 1, 2, 2, 3], pa.int32()),
+                                     "split": pa.array(["train", "val", "train", "train", "train"])}, 5)),
+                      dsts, "split", ["user_idx", "ts", "rid"], ["rid"], 4, SPLIT_TARGET)
+
+
+def test_write_split_names_files_by_partition_and_fills_empty_values(spark, tmp_path) -> None:
+    from data_pipelines.part_files import write_split
+
+    df = spark.createDataFrame(
+        [(u, t, u * 10 + t, [u], "train" if t else "test") for u in range(6) for t in range(3)],
+        "user_idx int, ts long, rid long, hist array<int>, split string",
+    ).repartition(3, "user_idx").sortWithinPartitions("user_idx", "ts", "rid")
+    out = write_split(df, tmp_path, "ex", "split", ("train", "val", "test"), ["user_idx", "ts", "rid"], ["rid"], 4,
+                      SPLIT_TARGET)
+    assert out["train"]["rows"] == 12 and out["test"]["rows"] == 6 and out["val"]["rows"] == 0
+    assert out["val"]["files"] == ["ex/val/part-00000.parquet"]
+    assert pq.read_table(tmp_path / "ex/val/part-00000.parquet").schema == SPLIT_TARGET
+    train = pa.concat_tables([pq.read_table(tmp_path / f) for f in out["train"]["files"]])
+    assert sorted(zip(train["user_idx"].to_pylist(), train["ts"].to_pylist(), strict=True)) == [
+        (u, t) for u in range(6) for t in (1, 2)
+    ]
+    for f in out["train"]["files"]:  # each file: one partition, in (user_idx, ts) order
+        t = pq.read_table(tmp_path / f)
+        keys = list(zip(t["user_idx"].to_pylist(), t["ts"].to_pylist(), strict=True))
+        assert keys == sorted(keys)
+    assert not list((tmp_path / "ex").rglob("_s*"))  # temporary names all renamed
