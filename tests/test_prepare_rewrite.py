@@ -45,6 +45,12 @@ def _batches(rows: dict, size: int) -> list[pa.RecordBatch]:
 SPLIT_TARGET = pa.schema([("user_idx", pa.int32()), ("ts", pa.int64()), ("hist", pa.list_(pa.int32()))])
 
 
+def _layout(values=("train", "val", "test")):
+    from data_pipelines.part_files import SplitLayout
+
+    return SplitLayout("split", values, ("user_idx", "ts", "rid"), ("rid",), 4, SPLIT_TARGET)
+
+
 def test_split_batches_routes_rows_keeps_order_and_sizes_row_groups(tmp_path) -> None:
     from data_pipelines.part_files import split_batches
 
@@ -58,7 +64,7 @@ def test_split_batches_routes_rows_keeps_order_and_sizes_row_groups(tmp_path) ->
         "split": pa.array(["test" if i % 5 == 0 else "train" for i in range(n)]),
     }
     dsts = {v: tmp_path / f"{v}.parquet" for v in ("train", "val", "test")}
-    counts = split_batches(iter(_batches(rows, 6)), dsts, "split", ["user_idx", "ts", "rid"], ["rid"], 4, SPLIT_TARGET)
+    counts = split_batches(iter(_batches(rows, 6)), dsts, _layout())
     assert counts == {"train": 18, "test": 5}  # no rows, no file
     assert not dsts["val"].exists()
     train = pq.ParquetFile(dsts["train"])
@@ -85,12 +91,11 @@ def test_split_batches_refuses_rows_out_of_order_even_across_batches(tmp_path) -
     }
     dsts = {"train": tmp_path / "train.parquet"}
     with pytest.raises(RuntimeError, match=r"partition 3: rows are not in \(user_idx, ts, rid\) order"):
-        split_batches(iter(_batches(rows, 2)), dsts, "split", ["user_idx", "ts", "rid"], ["rid"], 4, SPLIT_TARGET,
-                      where="partition 3")
+        split_batches(iter(_batches(rows, 2)), dsts, _layout(("train",)), where="partition 3")
     with pytest.raises(ValueError, match="unexpected split value 'val'"):
         split_batches(iter(_batches({**rows, "user_idx": pa.array([1, 1, 2, 2, 3], pa.int32()),
                                      "split": pa.array(["train", "val", "train", "train", "train"])}, 5)),
-                      dsts, "split", ["user_idx", "ts", "rid"], ["rid"], 4, SPLIT_TARGET)
+                      dsts, _layout(("train",)))
 
 
 def test_write_split_names_files_by_partition_and_fills_empty_values(spark, tmp_path) -> None:
@@ -100,8 +105,7 @@ def test_write_split_names_files_by_partition_and_fills_empty_values(spark, tmp_
         [(u, t, u * 10 + t, [u], "train" if t else "test") for u in range(6) for t in range(3)],
         "user_idx int, ts long, rid long, hist array<int>, split string",
     ).repartition(3, "user_idx").sortWithinPartitions("user_idx", "ts", "rid")
-    out = write_split(df, tmp_path, "ex", "split", ("train", "val", "test"), ["user_idx", "ts", "rid"], ["rid"], 4,
-                      SPLIT_TARGET)
+    out = write_split(df, tmp_path, "ex", _layout())
     assert out["train"]["rows"] == 12 and out["test"]["rows"] == 6 and out["val"]["rows"] == 0
     assert out["val"]["files"] == ["ex/val/part-00000.parquet"]
     assert pq.read_table(tmp_path / "ex/val/part-00000.parquet").schema == SPLIT_TARGET
