@@ -123,6 +123,8 @@ def test_ranker_artifact_tracking_and_report(world) -> None:
     assert mv.run_id == summary["mlflow_run_id"]
     hist = client.get_metric_history(summary["mlflow_run_id"], "val/graded_ndcg10")
     assert len(hist) == summary["epochs_trained"]
+    loss = client.get_metric_history(summary["mlflow_run_id"], "train/loss")  # the epoch mean, once per epoch
+    assert len(loss) == summary["epochs_trained"] and all(np.isfinite(m.value) and m.value > 0 for m in loss)
     assert report["users"] > 0 and set(report["all"]) == {"ndcg@10", "recall@10", "mrr"}
     nd = report["all"]["ndcg@10"]
     assert nd["ci"]["lift"][0] <= nd["lift"] <= nd["ci"]["lift"][1]
