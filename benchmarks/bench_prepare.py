@@ -24,7 +24,8 @@ from recsys.config import load_config
 
 
 class TreeMemory:
-    """Samples the summed RSS of this process and all its descendants; ``peak_mb`` is the maximum seen."""
+    """Samples the summed RSS of this process and all its descendants: ``peak`` (and ``peak_jvm``, the Java
+    processes only) is the maximum seen, in bytes."""
 
     def __init__(self, every_s: float = 0.2) -> None:
         self.every_s = every_s

@@ -35,10 +35,15 @@ def _weight(cfg: DataConfig, event_codes: dict[str, int]) -> Column:
     return weight.cast("float")
 
 
+def _is_positive(cfg: DataConfig, event_codes: dict[str, int]) -> Column:
+    """True for events of the configured positive types."""
+    codes = [event_codes[t] for t in cfg.positive_events if t in event_codes]
+    return F.col("event").isin(*codes) if codes else F.lit(False)
+
+
 def positives(ev: DataFrame, cfg: DataConfig, event_codes: dict[str, int]) -> DataFrame:
     """Positive events with a weight (rows with an unknown user or product, index 0, are kept: callers filter)."""
-    codes = [event_codes[t] for t in cfg.positive_events if t in event_codes]
-    return ev.where(F.col("event").isin(*codes) if codes else F.lit(False)).select(
+    return ev.where(_is_positive(cfg, event_codes)).select(
         "user_idx", "product_idx", "seller_idx", _weight(cfg, event_codes).alias("weight"), "event", "ts", "rid", "split"
     )
 
@@ -134,7 +139,7 @@ def build_examples(
     """Examples of every split: EXAMPLE_COLUMNS plus ``rid`` and ``split``, in (user_idx, ts, rid) order within partitions.
 
     The order is what Spark produces, not a guarantee: the writer checks it
-    (:func:`data_pipelines.part_files.split_part`).
+    (:func:`data_pipelines.part_files.split_batches`).
 
     Args:
         ev: indexed events with ``split`` (user_idx, product_idx, seller_idx, event, ts, rid, ...),
@@ -165,8 +170,7 @@ def build_examples(
         k1, k2 = _order_key(has_ts, seed=cfg.seed)
         w = Window.partitionBy("user_idx").orderBy(k1, k2).rangeBetween(*upto)
         x = x.select("*", F.sum(vis_t).over(w).alias("_pt"), F.sum(vis_tv).over(w).alias("_ptv"))
-    codes = [event_codes[t] for t in cfg.positive_events if t in event_codes]
-    pos = x.where(known & (F.col("event").isin(*codes) if codes else F.lit(False)))
+    pos = x.where(known & _is_positive(cfg, event_codes))
     # the train and train+val lists, filtered once per user (not once per example)
     train, trainval = SPLIT_CODE["train"], SPLIT_CODE["val"]
     vis = lists.select(

@@ -3,16 +3,16 @@
 Spark writes each output as ``part-*`` files with its own schema flavour (nullable fields, list
 fields named ``element``) and row groups sized in bytes. This pyarrow pass rewrites them with
 exactly ``rows`` rows per row group, the target schema, and deterministic file names
-(``<folder>/part-00000.parquet``...; single-file tables as ``NAME.parquet``), so a rerun on the
-same inputs gives byte-identical files. Every function streams record batches: memory is bounded
-by a row group, not by a part file. :func:`write_split` skips Spark's writer altogether.
+(single-file tables as ``NAME.parquet`` by :func:`write_parquet`; folders of
+``<value>/part-00000.parquet``... by :func:`write_split`, which skips Spark's writer altogether),
+so a rerun on the same inputs gives byte-identical files. Every function streams record batches:
+memory is bounded by a row group, not by a part file.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame
-
-THREADS = 4  # pyarrow releases the GIL while decoding and encoding
 
 
 def target_schema(read: pa.Schema, target: pa.Schema | None) -> pa.Schema:
@@ -204,41 +202,21 @@ def _info(root: Path, files: list[str], n: int) -> dict[str, Any]:
     return {"rows": int(n), "schema": schema.to_string(show_schema_metadata=False), "files": files}
 
 
-def commit_parts(
-    parts: list[Path], root: Path, rel: str, rows: int, single_file: bool, target: pa.Schema | None, fallback: pa.Schema
-) -> dict[str, Any]:
-    """Rewrite Spark part files as ``root/rel`` (a file when ``single_file``, else a folder of part files).
+def write_parquet(df: DataFrame, root: Path, rel: str, rows: int, target: pa.Schema | None = None) -> dict[str, Any]:
+    """Write ``df`` as the single file ``root/rel``: Spark's part files, concatenated in partition order.
 
     Returns ``{"rows", "schema", "files"}`` (files relative to ``root``).
     """
-    dst = root / rel
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if single_file:
-        return _info(root, [rel], rewrite(parts, dst, rows, target, fallback))
-    dst.mkdir(parents=True, exist_ok=True)
-    nonempty = [p for p in parts if pq.ParquetFile(p).metadata.num_rows > 0] or parts[:1]
-    jobs = [([p], dst / f"part-{i:05d}.parquet") for i, p in enumerate(nonempty)] or [([], dst / "part-00000.parquet")]
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        counts = list(pool.map(lambda j: rewrite(j[0], j[1], rows, target, fallback), jobs))
-    return _info(root, [str(j[1].relative_to(root)) for j in jobs], sum(counts))
-
-
-def spark_parts(folder: Path) -> list[Path]:
-    """The Parquet part files Spark wrote into ``folder``, in name (= partition) order."""
-    return sorted(p for p in folder.glob("part-*") if p.name.endswith(".parquet"))
-
-
-def write_parquet(
-    df: DataFrame, root: Path, rel: str, rows: int, single_file: bool, target: pa.Schema | None = None
-) -> dict[str, Any]:
-    """Write ``df`` as ``root/rel`` (a file when ``single_file``, else a folder of part files)."""
     from pyspark.sql.pandas.types import to_arrow_schema
 
     staging = root / "_spark" / rel
     df.write.mode("overwrite").parquet(staging.resolve().as_uri())
-    out = commit_parts(spark_parts(staging), root, rel, rows, single_file, target, to_arrow_schema(df.schema))
+    parts = sorted(p for p in staging.glob("part-*") if p.name.endswith(".parquet"))  # name order = partition order
+    dst = root / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    n = rewrite(parts, dst, rows, target, to_arrow_schema(df.schema))
     shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return _info(root, [rel], n)
 
 
 def write_split(df: DataFrame, root: Path, rel: str, layout: SplitLayout) -> dict[str, dict[str, Any]]:

@@ -376,9 +376,7 @@ def _write_all(pf: PreparedFrames, root: Path, rows_per_group: int, progress: Pr
     for rel, df, key, target in small:
         outputs[rel] = write_small(df, root, rel, rg, key, target)
     for name, df in pf.histories.items():
-        outputs[f"histories/{name}.parquet"] = write_parquet(
-            df, root, f"histories/{name}.parquet", rg, True, HISTORY_ARROW_SCHEMA
-        )
+        outputs[f"histories/{name}.parquet"] = write_parquet(df, root, f"histories/{name}.parquet", rg, HISTORY_ARROW_SCHEMA)
     for name, df in pf.rejected.items():
         key = ["reason", *[c for c in df.columns if c not in ("reason", "table")]]
         outputs[f"rejected/{name}.parquet"] = write_small(df, root, f"rejected/{name}.parquet", rg, key)
