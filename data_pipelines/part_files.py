@@ -12,7 +12,7 @@ memory is bounded by a row group, not by a part file.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,9 @@ def split_batches(
     """Stream record batches into one Parquet file per value of ``layout.column``.
 
     Args:
-        batches: rows with the layout's column, order columns and target columns.
+        batches: rows with the layout's column, order columns and target columns; the rows of
+            each value in ``layout.order`` (a batch holding a single value is written without a
+            filtering copy).
         dsts: value -> output file (a value with no rows gets no file).
         layout: the layout.
         where: names the input in error messages.
@@ -156,29 +158,37 @@ def split_batches(
     """
     order, column = list(layout.order), layout.column
     writers: dict[str, RowGroupWriter] = {}
-    last: pa.Table | None = None
+    last: dict[str, pa.Table] = {}  # each value's last key row so far
     for b in batches:
         if b.num_rows == 0:
             continue
         tbl = pa.Table.from_batches([b])
-        keys = tbl.select(order)
-        if not _is_sorted(keys if last is None else pa.concat_tables([last, keys])):
-            raise RuntimeError(f"{where}: rows are not in ({', '.join(order)}) order; the writer relies on it")
-        last = keys.slice(keys.num_rows - 1)
-        for value in pc.unique(tbl[column]).to_pylist():
+        values = pc.unique(tbl[column]).to_pylist()
+        for value in values:
             if value not in dsts:
                 raise ValueError(f"{where}: unexpected {column} value {value!r} (expected one of {sorted(dsts)})")
-            sub = tbl.filter(pc.equal(tbl[column], value)).drop_columns([column, *layout.drop]).cast(layout.target)
+            sub = tbl if len(values) == 1 else tbl.filter(pc.equal(tbl[column], value))
+            keys = sub.select(order)
+            if not _is_sorted(keys if value not in last else pa.concat_tables([last[value], keys])):
+                raise RuntimeError(
+                    f"{where}: rows of {column}={value!r} are not in ({', '.join(order)}) order; the writer relies on it"
+                )
+            last[value] = keys.slice(keys.num_rows - 1)
             if value not in writers:
                 writers[value] = layout.writer(dsts[value])
-            writers[value].add(sub)
+            writers[value].add(sub.drop_columns([column, *layout.drop]).cast(layout.target))
     return {value: w.close() for value, w in writers.items()}
 
 
-def _split_task(folder: str, layout: SplitLayout):
+Transform = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+
+
+def _split_task(folder: str, layout: SplitLayout, transform: Transform | None):
     """The ``mapInArrow`` function of :func:`write_split`: one task writes its partition's files."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        if transform is not None:
+            batches = transform(batches)
         from pyspark import TaskContext
 
         ctx = TaskContext.get()
@@ -219,7 +229,9 @@ def write_parquet(df: DataFrame, root: Path, rel: str, rows: int, target: pa.Sch
     return _info(root, [rel], n)
 
 
-def write_split(df: DataFrame, root: Path, rel: str, layout: SplitLayout) -> dict[str, dict[str, Any]]:
+def write_split(
+    df: DataFrame, root: Path, rel: str, layout: SplitLayout, transform: Transform | None = None
+) -> dict[str, dict[str, Any]]:
     """Write ``df`` as folders ``root/rel/<value>/part-*.parquet``, one per value of ``layout.column``, in one Spark job.
 
     Each task hands its partition to pyarrow (``mapInArrow``), which writes the final files
@@ -230,13 +242,16 @@ def write_split(df: DataFrame, root: Path, rel: str, layout: SplitLayout) -> dic
     rows gets one empty file. As with Spark's own writer, ``root`` must be a filesystem the
     executors share, and they need this package installed.
 
+    ``transform`` (``batches -> batches``, picklable) turns each partition's Arrow batches into the
+    rows to write inside the task, when they are cheaper to build there than in Spark.
+
     Returns:
         ``{value: {"rows", "schema", "files"}}``.
     """
     folder = root / rel
     for v in layout.values:
         (folder / v).mkdir(parents=True, exist_ok=True)
-    written = df.mapInArrow(_split_task(str(folder.resolve()), layout), "value string, part int, rows long").collect()
+    written = df.mapInArrow(_split_task(str(folder.resolve()), layout, transform), "value string, part int, rows long").collect()
     out = {}
     for v in layout.values:
         mine = sorted((int(r["part"]), int(r["rows"])) for r in written if r["value"] == v)

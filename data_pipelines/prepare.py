@@ -37,28 +37,13 @@ from data_pipelines.io import (
     read_tables,
 )
 from data_pipelines.part_files import SplitLayout, target_schema, write_parquet, write_split
-from data_pipelines.schema import EVENT_CODE, EXAMPLE_COLUMNS, SPLITS, VOCABS
+from data_pipelines.schema import EVENT_CODE, SPLITS, VOCABS
 from data_pipelines.splits import assign_splits
 from data_pipelines.validation import all_timestamps_missing, validate_tables
 from data_pipelines.vocab import build_vocabs, lookup
 from recsys.artifacts import atomic_artifact, read_manifest
 from recsys.config import Config, DataConfig, SparkConfig, to_dict
 
-EXAMPLE_ARROW_SCHEMA = pa.schema(
-    [
-        ("user_idx", pa.int32()),
-        ("product_idx", pa.int32()),
-        ("seller_idx", pa.int32()),
-        ("weight", pa.float32()),
-        ("event", pa.int8()),
-        ("ts", pa.int64()),
-        ("hist_products", pa.list_(pa.int32())),
-        ("hist_sellers", pa.list_(pa.int32())),
-        ("hour", pa.int8()),
-        ("dow", pa.int8()),
-    ]
-)
-assert tuple(EXAMPLE_ARROW_SCHEMA.names) == EXAMPLE_COLUMNS
 # Dictionary-encoded columns of the example files: the few-valued ones. Ids and histories are
 # stored plain: their dictionaries overflow anyway, and writing 1M examples took 0.63 s instead of
 # 1.02 s, in smaller files (30 vs 36 MB), read as fast.
@@ -90,7 +75,8 @@ Progress = Callable[[str], None] | None
 class PreparedFrames:
     """Everything ``prepare`` writes, as DataFrames, plus ``info`` for the manifest."""
 
-    examples: DataFrame  # EXAMPLE_COLUMNS + rid + split, in (user_idx, ts, rid) order within partitions
+    lists: DataFrame  # examples.user_lists, users in user_idx order within partitions
+    example_spec: ex_mod.ExampleSpec  # turns the lists into examples as they are written
     vocabs: dict[str, DataFrame]  # name -> id, index, count (small tables are sorted when written)
     product_features: DataFrame
     seller_features: DataFrame
@@ -145,7 +131,7 @@ def prepare_tables(
     try:
         return _prepare_tables(spark, tables, cfg, sources or {}, progress, persisted)
     except BaseException:
-        PreparedFrames(None, {}, None, None, None, None, {}, {}, persisted=persisted).unpersist()
+        PreparedFrames(None, None, {}, None, None, None, None, {}, {}, persisted=persisted).unpersist()
         raise
 
 
@@ -257,9 +243,10 @@ def _prepare_tables(
     # 4. examples and histories (lazy; computed when written) ---------------------------------
     # sorted once here, so neither the examples' join nor the histories sort these wide rows again
     lists = keep(ex_mod.user_lists(ev, has_ts, cfg.seed).sortWithinPartitions("user_idx"))
-    # Rows are hash-partitioned by user_idx and ordered by (user_idx, ts, rid) within partitions:
-    # a deterministic order without the sampling job and shuffle of a global sort.
-    examples = ex_mod.build_examples(ev, lists, cfg, has_ts, codes).select(*EXAMPLE_COLUMNS, "rid", "split")
+    # The examples are built from the lists as they are written: hash-partitioned by user_idx and
+    # in (user_idx, ts, rid) order within partitions, a deterministic order without the sampling
+    # job and shuffle of a global sort.
+    example_spec = ex_mod.ExampleSpec.from_config(cfg, has_ts, codes)
     hist_len = 4 * int(cfg.max_history)
     histories = {
         "train": ex_mod.user_histories(lists, ex_mod.SPLIT_CODE["train"], hist_len).sortWithinPartitions("user_idx"),
@@ -314,7 +301,8 @@ def _prepare_tables(
         "notes": notes,
     }
     return PreparedFrames(
-        examples=examples,
+        lists=lists,
+        example_spec=example_spec,
         vocabs=vocabs,
         product_features=pfeat,
         seller_features=sfeat,
@@ -362,8 +350,8 @@ def _write_all(pf: PreparedFrames, root: Path, rows_per_group: int, progress: Pr
     for name, df in pf.vocabs.items():
         outputs[f"vocab/{name}.parquet"] = write_small(df, root, f"vocab/{name}.parquet", rg, ["index"], VOCAB_ARROW_SCHEMA)
     _say(progress, "writing examples")
-    layout = SplitLayout("split", SPLITS, ("user_idx", "ts", "rid"), ("rid",), rg, EXAMPLE_ARROW_SCHEMA, EXAMPLE_DICTIONARY)
-    written = write_split(pf.examples, root, "examples", layout)
+    layout = SplitLayout("split", SPLITS, ("user_idx", "ts", "rid"), ("rid",), rg, ex_mod.EXAMPLE_ARROW_SCHEMA, EXAMPLE_DICTIONARY)
+    written = write_split(pf.lists, root, "examples", layout, ex_mod.example_batches(pf.example_spec))
     for split in SPLITS:
         outputs[f"examples/{split}"] = written[split]
     _say(progress, "writing features and histories")

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipelines import prepare
-from data_pipelines.prepare import EXAMPLE_ARROW_SCHEMA
+from data_pipelines.examples import EXAMPLE_ARROW_SCHEMA
 from data_pipelines.schema import EXAMPLE_COLUMNS, PRODUCT_CATEGORICALS, PRODUCT_FEATURES, SELLER_FEATURES
 from recsys.artifacts import read_manifest
 from recsys.config import Config, DataConfig

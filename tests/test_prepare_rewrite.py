@@ -90,12 +90,30 @@ def test_split_batches_refuses_rows_out_of_order_even_across_batches(tmp_path) -
         "split": pa.array(["train"] * 5),
     }
     dsts = {"train": tmp_path / "train.parquet"}
-    with pytest.raises(RuntimeError, match=r"partition 3: rows are not in \(user_idx, ts, rid\) order"):
+    with pytest.raises(RuntimeError, match=r"partition 3: rows of split='train' are not in \(user_idx, ts, rid\) order"):
         split_batches(iter(_batches(rows, 2)), dsts, _layout(("train",)), where="partition 3")
     with pytest.raises(ValueError, match="unexpected split value 'val'"):
         split_batches(iter(_batches({**rows, "user_idx": pa.array([1, 1, 2, 2, 3], pa.int32()),
                                      "split": pa.array(["train", "val", "train", "train", "train"])}, 5)),
                       dsts, _layout(("train",)))
+
+
+def test_split_batches_checks_the_order_of_each_value_on_its_own(tmp_path) -> None:
+    from data_pipelines.part_files import split_batches
+
+    # batches grouped by value (as the example builder yields them): all train rows of users 1-2,
+    # then the test rows of the same users; each value's rows are in order, the stream is not
+    rows = {
+        "user_idx": pa.array([1, 2, 1, 2, 3, 3], pa.int32()),
+        "ts": pa.array([1, 1, 5, 5, 1, 5], pa.int64()),
+        "rid": pa.array([0, 0, 0, 0, 0, 0], pa.int64()),
+        "hist": pa.array([[1], [2], [3], [4], [5], [6]], pa.list_(pa.int32())),
+        "split": pa.array(["train", "train", "test", "test", "train", "test"]),
+    }
+    dsts = {v: tmp_path / f"{v}.parquet" for v in ("train", "test")}
+    assert split_batches(iter(_batches(rows, 2)), dsts, _layout(("train", "test"))) == {"train": 3, "test": 3}
+    assert pq.read_table(dsts["train"])["hist"].to_pylist() == [[1], [2], [5]]
+    assert pq.read_table(dsts["test"])["hist"].to_pylist() == [[3], [4], [6]]
 
 
 def test_write_split_names_files_by_partition_and_fills_empty_values(spark, tmp_path) -> None:
