@@ -1,12 +1,12 @@
-"""Spark part files -> the prepared artifact's Parquet files (exact schema, fixed row groups, stable names).
+"""DataFrames -> the prepared artifact's Parquet files (exact schema, fixed row groups, stable names).
 
-Spark writes each output as ``part-*`` files with its own schema flavour (nullable fields, list
-fields named ``element``) and row groups sized in bytes. This pyarrow pass rewrites them with
-exactly ``rows`` rows per row group, the target schema, and deterministic file names
-(single-file tables as ``NAME.parquet`` by :func:`write_parquet`; folders of
-``<value>/part-00000.parquet``... by :func:`write_split`, which skips Spark's writer altogether),
-so a rerun on the same inputs gives byte-identical files. Every function streams record batches:
-memory is bounded by a row group, not by a part file.
+Each Spark task hands its partition to pyarrow (``mapInArrow``), which writes it with exactly
+``rows`` rows per row group, the target schema (not Spark's flavour: nullable fields, lists of
+``element``) and deterministic file names: folders of ``<value>/part-00000.parquet``... by
+:func:`write_split`, single files ``NAME.parquet`` by :func:`write_split_files` (the tasks' files
+concatenated in partition order by :func:`rewrite`). A rerun on the same inputs gives
+byte-identical files. Every function streams record batches: memory is bounded by a row group
+(or the task's batch), not by a part file.
 """
 
 from __future__ import annotations
@@ -212,23 +212,6 @@ def _info(root: Path, files: list[str], n: int) -> dict[str, Any]:
     return {"rows": int(n), "schema": schema.to_string(show_schema_metadata=False), "files": files}
 
 
-def write_parquet(df: DataFrame, root: Path, rel: str, rows: int, target: pa.Schema | None = None) -> dict[str, Any]:
-    """Write ``df`` as the single file ``root/rel``: Spark's part files, concatenated in partition order.
-
-    Returns ``{"rows", "schema", "files"}`` (files relative to ``root``).
-    """
-    from pyspark.sql.pandas.types import to_arrow_schema
-
-    staging = root / "_spark" / rel
-    df.write.mode("overwrite").parquet(staging.resolve().as_uri())
-    parts = sorted(p for p in staging.glob("part-*") if p.name.endswith(".parquet"))  # name order = partition order
-    dst = root / rel
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    n = rewrite(parts, dst, rows, target, to_arrow_schema(df.schema))
-    shutil.rmtree(staging, ignore_errors=True)
-    return _info(root, [rel], n)
-
-
 def write_split(
     df: DataFrame, root: Path, rel: str, layout: SplitLayout, transform: Transform | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -263,4 +246,27 @@ def write_split(
             layout.writer(folder / v / "part-00000.parquet").close()
             files = [f"{rel}/{v}/part-00000.parquet"]
         out[v] = _info(root, files, sum(n for _, n in mine))
+    return out
+
+
+def write_split_files(
+    df: DataFrame, root: Path, rels: dict[str, str], layout: SplitLayout, transform: Transform | None = None
+) -> dict[str, dict[str, Any]]:
+    """As :func:`write_split`, but each value becomes the single file ``root/rels[value]``.
+
+    The tasks write part files under ``root/_spark/``; they are then concatenated in partition
+    order (:func:`rewrite`) and removed.
+
+    Returns:
+        ``{value: {"rows", "schema", "files"}}``.
+    """
+    staging = f"_spark/{'+'.join(sorted(rels))}"
+    parts = write_split(df, root, staging, layout, transform)
+    out = {}
+    for v, rel in rels.items():
+        dst = root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        n = rewrite([root / f for f in parts[v]["files"]], dst, layout.rows, layout.target, layout.target)
+        out[v] = _info(root, [rel], n)
+    shutil.rmtree(root / staging, ignore_errors=True)
     return out

@@ -29,6 +29,7 @@ from pyspark.sql import functions as F
 
 from data_pipelines import examples as ex_mod
 from data_pipelines import features as feat_mod
+from data_pipelines import histories as hist_mod
 from data_pipelines.io import (
     DataContractError,
     check_columns,
@@ -36,9 +37,10 @@ from data_pipelines.io import (
     normalise_columns,
     read_tables,
 )
-from data_pipelines.part_files import SplitLayout, target_schema, write_parquet, write_split
+from data_pipelines.part_files import SplitLayout, target_schema, write_split, write_split_files
 from data_pipelines.schema import EVENT_CODE, SPLITS, VOCABS
 from data_pipelines.splits import assign_splits
+from data_pipelines.user_events import SPLIT_CODE, user_events
 from data_pipelines.validation import all_timestamps_missing, validate_tables
 from data_pipelines.vocab import build_vocabs, lookup
 from recsys.artifacts import atomic_artifact, read_manifest
@@ -48,14 +50,6 @@ from recsys.config import Config, DataConfig, SparkConfig, to_dict
 # stored plain: their dictionaries overflow anyway, and writing 1M examples took 0.63 s instead of
 # 1.02 s, in smaller files (30 vs 36 MB), read as fast.
 EXAMPLE_DICTIONARY = ("seller_idx", "weight", "event", "hour", "dow")
-HISTORY_ARROW_SCHEMA = pa.schema(
-    [
-        ("user_idx", pa.int32()),
-        ("products", pa.list_(pa.int32())),
-        ("sellers", pa.list_(pa.int32())),
-        ("types", pa.list_(pa.int8())),
-    ]
-)
 VOCAB_ARROW_SCHEMA = pa.schema([("id", pa.string()), ("index", pa.int32()), ("count", pa.int64())])
 OFFERS_ARROW_SCHEMA = pa.schema(
     [
@@ -75,14 +69,14 @@ Progress = Callable[[str], None] | None
 class PreparedFrames:
     """Everything ``prepare`` writes, as DataFrames, plus ``info`` for the manifest."""
 
-    lists: DataFrame  # examples.user_lists, users in user_idx order within partitions
-    example_spec: ex_mod.ExampleSpec  # turns the lists into examples as they are written
+    user_events: DataFrame  # user_events.user_events: each user's rows contiguous, users ascending
+    example_spec: ex_mod.ExampleSpec  # turns the user events into examples as they are written
+    history_specs: tuple[hist_mod.HistorySpec, ...]  # ... and into the history tables
     vocabs: dict[str, DataFrame]  # name -> id, index, count (small tables are sorted when written)
     product_features: DataFrame
     seller_features: DataFrame
     offers: DataFrame
     product_freq: DataFrame
-    histories: dict[str, DataFrame]  # train | full -> user_idx, products, sellers, types
     rejected: dict[str, DataFrame]  # table -> raw columns as strings + table + reason
     info: dict[str, Any] = field(default_factory=dict)
     persisted: list[DataFrame] = field(default_factory=list)
@@ -94,9 +88,6 @@ class PreparedFrames:
             except Exception:  # noqa: BLE001 - the session may be gone already
                 pass
         self.persisted.clear()
-
-
-FULL_HISTORY_CAP = 1 << 30
 
 
 def _say(progress: Progress, msg: str) -> None:
@@ -131,7 +122,7 @@ def prepare_tables(
     try:
         return _prepare_tables(spark, tables, cfg, sources or {}, progress, persisted)
     except BaseException:
-        PreparedFrames(None, None, {}, None, None, None, None, {}, {}, persisted=persisted).unpersist()
+        PreparedFrames(None, None, (), {}, None, None, None, None, {}, persisted=persisted).unpersist()
         raise
 
 
@@ -203,14 +194,14 @@ def _prepare_tables(
     ev = lookup(acc["events"], "user_id", vocabs["users"], "user_idx", small["users"])
     ev = lookup(ev, "product_id", vocabs["products"], "product_idx", small["products"])
     ev = lookup(ev, "seller_id", vocabs["sellers"], "seller_idx", small["sellers"])
-    # The one shuffle of the events by user: the per-user windows of the split and the lists and
-    # windows of the examples below are partitioned by (a superset of) user_idx and reuse it.
+    # The one shuffle of the events by user: the per-user windows of the split and the examples
+    # and histories below are partitioned by (a superset of) user_idx and reuse it.
     ev = ev.repartition("user_idx")
     ev, split_info = assign_splits(
         ev, cfg, has_ts, positive_codes, by=("user_idx", "user_id"), cutoff_events=acc["events"]
     )
-    # cached in (user_idx, ts, rid) order: the examples' window needs no sort, and each user's
-    # event list arrives in order
+    # cached in (user_idx, ts, rid) order: each user's events reach the example and history
+    # builders contiguous and in time order
     ev = ev.select("user_idx", "product_idx", "seller_idx", "event", "ts", "price", "rid", "split")
     ev = keep(ev.sortWithinPartitions("user_idx", "ts", "rid"))
     is_pos = F.col("event").isin(*positive_codes) if positive_codes else F.lit(False)
@@ -240,19 +231,15 @@ def _prepare_tables(
     pos_all = ex_mod.positives(ev, cfg, codes)
     timings["split"] = time.time() - t
 
-    # 4. examples and histories (lazy; computed when written) ---------------------------------
-    # sorted once here, so neither the examples' join nor the histories sort these wide rows again
-    lists = keep(ex_mod.user_lists(ev, has_ts, cfg.seed).sortWithinPartitions("user_idx"))
-    # The examples are built from the lists as they are written: hash-partitioned by user_idx and
-    # in (user_idx, ts, rid) order within partitions, a deterministic order without the sampling
-    # job and shuffle of a global sort.
+    # 4. examples and histories (built in numpy as they are written) ----------------------------
+    # Rows are hash-partitioned by user_idx and ordered by (user_idx, ts, rid) within partitions:
+    # a deterministic order without the sampling job and shuffle of a global sort.
+    events = user_events(ev, has_ts, cfg.seed)
     example_spec = ex_mod.ExampleSpec.from_config(cfg, has_ts, codes)
-    hist_len = 4 * int(cfg.max_history)
-    histories = {
-        "train": ex_mod.user_histories(lists, ex_mod.SPLIT_CODE["train"], hist_len).sortWithinPartitions("user_idx"),
-        # Serving excludes everything a user ever bought, so the full history is not truncated.
-        "full": ex_mod.user_histories(lists, None, FULL_HISTORY_CAP).sortWithinPartitions("user_idx"),
-    }
+    history_specs = (
+        hist_mod.HistorySpec("train", SPLIT_CODE["train"], 4 * int(cfg.max_history)),
+        hist_mod.HistorySpec("full", None, hist_mod.FULL_HISTORY_CAP),
+    )
 
     # 5. offers and features (train events only) ----------------------------------------------
     _say(progress, "computing features")
@@ -301,14 +288,14 @@ def _prepare_tables(
         "notes": notes,
     }
     return PreparedFrames(
-        lists=lists,
+        user_events=events,
         example_spec=example_spec,
+        history_specs=history_specs,
         vocabs=vocabs,
         product_features=pfeat,
         seller_features=sfeat,
         offers=offers,
         product_freq=freq,
-        histories=histories,
         rejected=rejected,
         info=info,
         persisted=persisted,
@@ -351,7 +338,7 @@ def _write_all(pf: PreparedFrames, root: Path, rows_per_group: int, progress: Pr
         outputs[f"vocab/{name}.parquet"] = write_small(df, root, f"vocab/{name}.parquet", rg, ["index"], VOCAB_ARROW_SCHEMA)
     _say(progress, "writing examples")
     layout = SplitLayout("split", SPLITS, ("user_idx", "ts", "rid"), ("rid",), rg, ex_mod.EXAMPLE_ARROW_SCHEMA, EXAMPLE_DICTIONARY)
-    written = write_split(pf.lists, root, "examples", layout, ex_mod.example_batches(pf.example_spec))
+    written = write_split(pf.user_events, root, "examples", layout, ex_mod.example_batches(pf.example_spec))
     for split in SPLITS:
         outputs[f"examples/{split}"] = written[split]
     _say(progress, "writing features and histories")
@@ -363,8 +350,12 @@ def _write_all(pf: PreparedFrames, root: Path, rows_per_group: int, progress: Pr
     ]
     for rel, df, key, target in small:
         outputs[rel] = write_small(df, root, rel, rg, key, target)
-    for name, df in pf.histories.items():
-        outputs[f"histories/{name}.parquet"] = write_parquet(df, root, f"histories/{name}.parquet", rg, HISTORY_ARROW_SCHEMA)
+    names = tuple(h.name for h in pf.history_specs)
+    layout = SplitLayout("history", names, ("user_idx",), (), rg, hist_mod.HISTORY_ARROW_SCHEMA)
+    transform = hist_mod.history_batches(pf.history_specs, pf.example_spec.has_ts)
+    rels = {name: f"histories/{name}.parquet" for name in names}
+    for name, info in write_split_files(pf.user_events, root, rels, layout, transform).items():
+        outputs[rels[name]] = info
     for name, df in pf.rejected.items():
         key = ["reason", *[c for c in df.columns if c not in ("reason", "table")]]
         outputs[f"rejected/{name}.parquet"] = write_small(df, root, f"rejected/{name}.parquet", rg, key)
