@@ -194,9 +194,13 @@ def _prepare_tables(
     ev = lookup(acc["events"], "user_id", vocabs["users"], "user_idx", small["users"])
     ev = lookup(ev, "product_id", vocabs["products"], "product_idx", small["products"])
     ev = lookup(ev, "seller_id", vocabs["sellers"], "seller_idx", small["sellers"])
-    # The one shuffle of the events by user: the per-user windows of the split and the examples
-    # and histories below are partitioned by (a superset of) user_idx and reuse it.
-    ev = ev.repartition("user_idx")
+    # The events arrive shuffled by user (validation's duplicate GROUP BY is partitioned by the
+    # typed user id) and broadcast lookups keep that: the per-user windows of the split and the
+    # example and history builders, which need all of a user's events in one partition, reuse it.
+    # A sort-merge lookup (a vocabulary above data.spark.broadcast_vocab_rows) shuffles the events
+    # by its key, so they are shuffled by user once more.
+    if not (small["users"] and small["products"] and small["sellers"]):
+        ev = ev.repartition("user_idx")
     ev, split_info = assign_splits(
         ev, cfg, has_ts, positive_codes, by=("user_idx", "user_id"), cutoff_events=acc["events"]
     )

@@ -7,6 +7,7 @@ exact duplicate of an accepted row (rejected with reason ``duplicate``). Invaria
 
 Rows are first grouped by all their raw columns (a hash aggregate, cheaper than a window), so
 validation runs once per distinct row; the multiplicity ``_n`` expands the rejected output again.
+The events are shuffled for it by their typed user id, so they leave validation partitioned by user.
 
 Reasons, in the order they are checked (a row gets the first that applies):
 
@@ -169,10 +170,20 @@ def _flag(
     checks: list[tuple[str, Column]],
     key: list[str] | None = None,
     pre_join=None,
+    cluster: str | None = None,
 ) -> Flagged:
     raw = list(df.columns)
-    g = df.groupBy(*[qcol(c) for c in raw]).agg(F.count(F.lit(1)).alias("_n"))
-    g = g.withColumns({_T + k: v for k, v in typed.items()})
+    if cluster is None:
+        g = df.groupBy(*[qcol(c) for c in raw]).agg(F.count(F.lit(1)).alias("_n"))
+        g = g.withColumns({_T + k: v for k, v in typed.items()})
+    else:
+        # Shuffled by the typed ``cluster`` column (a function of the raw row, so grouping by it
+        # too changes no group): the duplicate GROUP BY needs no shuffle of its own, and the
+        # output arrives partitioned by it for the per-user work downstream.
+        c = _T + cluster
+        g = df.withColumn(c, typed[cluster]).repartition(c)
+        g = g.groupBy(qcol(c), *[qcol(x) for x in raw]).agg(F.count(F.lit(1)).alias("_n"))
+        g = g.withColumns({_T + k: v for k, v in typed.items() if k != cluster})
     # a content hash of the typed values: a deterministic tie-breaker and seed that does not
     # depend on the file format (CSV "" and Parquet null, "10" and "10.00" hash alike)
     g = g.withColumn("_rid", F.xxhash64(*[qcol(_T + k) for k in typed]))
@@ -261,7 +272,7 @@ def flag_events(events: DataFrame, with_ts: bool, catalog_ids: DataFrame | None 
             return g.join(ids, g[_T + "product_id"] == ids["_known_pid"], "left")
 
         checks.append(("unknown_product", F.col("_known").isNull()))
-    fl = _flag("events", events, typed, checks, pre_join=pre_join)
+    fl = _flag("events", events, typed, checks, pre_join=pre_join, cluster="user_id")
     fl.frame = fl.frame.withColumn(_T + "event", code)
     fl.typed_columns.append("event")
     return fl
