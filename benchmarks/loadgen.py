@@ -121,10 +121,10 @@ def cpu_seconds(pid: int, children: bool = True) -> float | None:
     return total
 
 
-def pct(a: np.ndarray) -> dict:
-    """p50 / p90 / p99 / max in ms of latencies in seconds."""
+def pct(a: np.ndarray, digits: int = 2) -> dict:
+    """p50 / p90 / p99 / max in ms of latencies in seconds, rounded to ``digits``."""
     if len(a) == 0:
         return {}
     q = np.percentile(a * 1000, [50, 90, 99])
-    return {"p50_ms": round(float(q[0]), 2), "p90_ms": round(float(q[1]), 2), "p99_ms": round(float(q[2]), 2),
-            "max_ms": round(float(a.max() * 1000), 2)}
+    return {"p50_ms": round(float(q[0]), digits), "p90_ms": round(float(q[1]), digits),
+            "p99_ms": round(float(q[2]), digits), "max_ms": round(float(a.max() * 1000), digits)}

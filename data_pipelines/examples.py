@@ -26,6 +26,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from data_pipelines.schema import EXAMPLE_COLUMNS, SPLITS
+from data_pipelines.splits import is_positive
 from data_pipelines.user_events import SPLIT_CODE, UserEvents, list_array, slice_index, whole_users
 from recsys.config import DataConfig
 
@@ -56,11 +57,14 @@ def _weight(cfg: DataConfig, event_codes: dict[str, int]) -> Column:
     return weight.cast("float")
 
 
+def positive_codes(cfg: DataConfig, event_codes: dict[str, int]) -> tuple[int, ...]:
+    """The event codes of ``cfg.positive_events`` (the types that make a training example), ascending."""
+    return tuple(sorted(event_codes[t] for t in cfg.positive_events if t in event_codes))
+
+
 def positives(ev: DataFrame, cfg: DataConfig, event_codes: dict[str, int]) -> DataFrame:
     """Positive events with a weight (rows with an unknown user or product, index 0, are kept: callers filter)."""
-    codes = [event_codes[t] for t in cfg.positive_events if t in event_codes]
-    is_pos = F.col("event").isin(*codes) if codes else F.lit(False)
-    return ev.where(is_pos).select(
+    return ev.where(is_positive(positive_codes(cfg, event_codes))).select(
         "user_idx", "product_idx", "seller_idx", _weight(cfg, event_codes).alias("weight"), "event", "ts", "rid", "split"
     )
 
@@ -86,8 +90,7 @@ class ExampleSpec:
         weights = [1.0] * (max(event_codes.values()) + 1)
         for t, code in event_codes.items():
             weights[code] = float(cfg.event_weights.get(t, 1.0))
-        codes = tuple(sorted(event_codes[t] for t in cfg.positive_events if t in event_codes))
-        return cls(bool(has_ts), int(cfg.max_history), codes, tuple(weights))
+        return cls(bool(has_ts), int(cfg.max_history), positive_codes(cfg, event_codes), tuple(weights))
 
 
 def examples_from_events(e: UserEvents, spec: ExampleSpec) -> list[pa.RecordBatch]:

@@ -39,7 +39,7 @@ from data_pipelines.io import (
 )
 from data_pipelines.part_files import SplitLayout, target_schema, write_split, write_split_files
 from data_pipelines.schema import EVENT_CODE, SPLITS, VOCABS
-from data_pipelines.splits import assign_splits
+from data_pipelines.splits import assign_splits, is_positive
 from data_pipelines.user_events import SPLIT_CODE, user_events
 from data_pipelines.validation import all_timestamps_missing, validate_tables
 from data_pipelines.vocab import build_vocabs, lookup
@@ -190,7 +190,7 @@ def _prepare_tables(
     _say(progress, "assigning splits and indexing events")
     t = time.time()
     codes = dict(EVENT_CODE)
-    positive_codes = [codes[t] for t in cfg.positive_events if t in codes]
+    positive_codes = list(ex_mod.positive_codes(cfg, codes))
     ev = lookup(acc["events"], "user_id", vocabs["users"], "user_idx", small["users"])
     ev = lookup(ev, "product_id", vocabs["products"], "product_idx", small["products"])
     ev = lookup(ev, "seller_id", vocabs["sellers"], "seller_idx", small["sellers"])
@@ -208,7 +208,7 @@ def _prepare_tables(
     # builders contiguous and in time order
     ev = ev.select("user_idx", "product_idx", "seller_idx", "event", "ts", "price", "rid", "split")
     ev = keep(ev.sortWithinPartitions("user_idx", "ts", "rid"))
-    is_pos = F.col("event").isin(*positive_codes) if positive_codes else F.lit(False)
+    is_pos = is_positive(positive_codes)
     stats = (
         ev.groupBy("split")
         .agg(

@@ -56,14 +56,15 @@ def _n_random(n: Column, fraction: float, u: Column) -> Column:
     return F.floor(F.lit(float(fraction)) * n + u).cast("long")
 
 
-def _is_pos(positive_codes: list[int]) -> Column:
+def is_positive(positive_codes: list[int] | tuple[int, ...]) -> Column:
+    """True for events (``event`` column, an int code) whose code is one of ``positive_codes``."""
     return F.col("event").isin(*positive_codes) if positive_codes else F.lit(False)
 
 
 def temporal(
     ev: DataFrame, cfg: DataConfig, positive_codes: list[int], cutoff_events: DataFrame | None = None
 ) -> tuple[DataFrame, dict[str, Any]]:
-    pos = (ev if cutoff_events is None else cutoff_events).where(_is_pos(positive_codes))
+    pos = (ev if cutoff_events is None else cutoff_events).where(is_positive(positive_codes))
     qs = [max(0.0, 1.0 - cfg.test_fraction - cfg.val_fraction), max(0.0, 1.0 - cfg.test_fraction)]
     got = [q for q in (pos.approxQuantile("ts", qs, 1e-4) or []) if q is not None]
     if len(got) < 2:
@@ -90,10 +91,10 @@ def temporal(
 
 def leave_last_out(ev: DataFrame, positive_codes: list[int], by: list[str]) -> DataFrame:
     key = F.struct(F.col("ts"), F.col("rid"))
-    pos_key = F.when(_is_pos(positive_codes), key)
+    pos_key = F.when(is_positive(positive_codes), key)
     w_all = Window.partitionBy(*by)
-    w_ord = Window.partitionBy(*by, _is_pos(positive_codes)).orderBy(F.desc("ts"), F.desc("rid"))
-    ranked = ev.withColumn("_pr", F.when(_is_pos(positive_codes), F.row_number().over(w_ord)))
+    w_ord = Window.partitionBy(*by, is_positive(positive_codes)).orderBy(F.desc("ts"), F.desc("rid"))
+    ranked = ev.withColumn("_pr", F.when(is_positive(positive_codes), F.row_number().over(w_ord)))
     ranked = ranked.withColumn("_npos", F.count(pos_key).over(w_all))
     ranked = ranked.withColumn("_test_key", F.max(F.when(F.col("_pr") == 1, key)).over(w_all))
     ranked = ranked.withColumn("_val_key", F.max(F.when(F.col("_pr") == 2, key)).over(w_all))
@@ -111,7 +112,7 @@ def _carve(
 ) -> DataFrame:
     """Per user, random ``test_fraction`` of the candidate positives to test (when > 0) and
     ``val_fraction`` to val; ``base`` is the split before carving; candidates = positives with base train."""
-    cand = _is_pos(positive_codes) & (base == "train")
+    cand = is_positive(positive_codes) & (base == "train")
     w_user = Window.partitionBy(*by)
     w_ord = Window.partitionBy(*by, cand).orderBy(uniform(cfg.seed, F.col("rid")), F.col("rid"))
     x = ev.withColumn("_base", base).withColumn("_cand", cand)
