@@ -45,6 +45,10 @@ EXAMPLE_ARROW_SCHEMA = pa.schema(
     ]
 )
 assert tuple(EXAMPLE_ARROW_SCHEMA.names) == EXAMPLE_COLUMNS
+# Dictionary-encoded columns of the example files: the few-valued ones. Ids and histories are
+# stored plain: their dictionaries overflow anyway, and writing 1M examples took 0.63 s instead of
+# 1.02 s, in smaller files (30 vs 36 MB), read as fast.
+EXAMPLE_DICTIONARY = ("seller_idx", "weight", "event", "hour", "dow")
 # what examples_from_events yields: the example columns, plus what the split writer routes and checks by
 BUILT_SCHEMA = pa.schema([*EXAMPLE_ARROW_SCHEMA, ("rid", pa.int64()), ("split", pa.string())])
 

@@ -5,10 +5,12 @@ scaling maxima, and persists the intermediate frames it reuses); :func:`run` rea
 (unless given), writes every output under a temporary directory, and commits it atomically with a
 manifest (:func:`recsys.artifacts.atomic_artifact`).
 
-Spark writes each output as part files; a pyarrow pass then rewrites them with exactly
-``data.rows_per_row_group`` rows per row group, the exact schema, and deterministic file names
-(``examples/<split>/part-00000.parquet``...; single-file tables as ``NAME.parquet``), so a rerun on
-the same inputs gives byte-identical files (:mod:`data_pipelines.part_files`).
+The examples and per-user histories are built in numpy inside the Spark tasks and written there
+by pyarrow (:mod:`data_pipelines.user_events`, :mod:`data_pipelines.examples`,
+:mod:`data_pipelines.histories`, :mod:`data_pipelines.part_files`); small tables are collected and
+written by the driver. Every file has exactly ``data.rows_per_row_group`` rows per row group, the
+exact schema and a deterministic name (``examples/<split>/part-00000.parquet``...; single-file
+tables as ``NAME.parquet``), so a rerun on the same inputs gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -46,10 +48,6 @@ from data_pipelines.vocab import build_vocabs, lookup
 from recsys.artifacts import atomic_artifact, read_manifest
 from recsys.config import Config, DataConfig, SparkConfig, to_dict
 
-# Dictionary-encoded columns of the example files: the few-valued ones. Ids and histories are
-# stored plain: their dictionaries overflow anyway, and writing 1M examples took 0.63 s instead of
-# 1.02 s, in smaller files (30 vs 36 MB), read as fast.
-EXAMPLE_DICTIONARY = ("seller_idx", "weight", "event", "hour", "dow")
 VOCAB_ARROW_SCHEMA = pa.schema([("id", pa.string()), ("index", pa.int32()), ("count", pa.int64())])
 OFFERS_ARROW_SCHEMA = pa.schema(
     [
@@ -341,7 +339,7 @@ def _write_all(pf: PreparedFrames, root: Path, rows_per_group: int, progress: Pr
     for name, df in pf.vocabs.items():
         outputs[f"vocab/{name}.parquet"] = write_small(df, root, f"vocab/{name}.parquet", rg, ["index"], VOCAB_ARROW_SCHEMA)
     _say(progress, "writing examples")
-    layout = SplitLayout("split", SPLITS, ("user_idx", "ts", "rid"), ("rid",), rg, ex_mod.EXAMPLE_ARROW_SCHEMA, EXAMPLE_DICTIONARY)
+    layout = SplitLayout("split", SPLITS, ("user_idx", "ts", "rid"), ("rid",), rg, ex_mod.EXAMPLE_ARROW_SCHEMA, ex_mod.EXAMPLE_DICTIONARY)
     written = write_split(pf.user_events, root, "examples", layout, ex_mod.example_batches(pf.example_spec))
     for split in SPLITS:
         outputs[f"examples/{split}"] = written[split]
