@@ -138,6 +138,20 @@ def test_loss_with_negatives_corrections_and_invalid_rows_matches_reference() ->
     assert torch.allclose(got, _reference_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, valid), atol=1e-5)
 
 
+def test_loss_and_gradients_match_reference_with_many_hits() -> None:
+    # few distinct ids: most candidates collide with some row's positive (hits masked by index)
+    g = torch.Generator().manual_seed(5)
+    q, p, neg = (torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1).requires_grad_() for n in (12, 12, 9))
+    pid, nid = torch.randint(1, 5, (12,), generator=g), torch.randint(1, 5, (9,), generator=g)
+    pc, nc, w = torch.randn(12, generator=g), torch.randn(9, generator=g), torch.rand(12, generator=g)
+    valid = torch.rand(12, generator=g) > 0.25
+    got = sampled_softmax_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, True, valid)
+    want = _reference_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, valid)
+    assert torch.allclose(got, want, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (q, p, neg)), torch.autograd.grad(want, (q, p, neg)), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_repeat_positives_are_reweighted() -> None:
     from recsys.config import Config, to_dict
     from towers.lit_module import TwoTowerLightning

@@ -75,27 +75,43 @@ def sampled_softmax_loss(
             logits[:, :B].sub_(corr.unsqueeze(0))
     elif has_neg and neg_correction is not None:
         logits[:, B:].sub_(neg_correction.unsqueeze(0))
-    mask = None
+    # Masks are applied by index, not as a [B, B + M] boolean matrix: hits are rare, and building
+    # and applying the dense mask took 13% of a default CPU training step.
     if remove_accidental_hits:
         ids = torch.cat([pos_ids, neg_ids]) if has_neg and neg_ids is not None else pos_ids
-        mask = pos_ids.unsqueeze(1) == ids.unsqueeze(0)
-        if ids.shape[0] < logits.shape[1]:  # negatives without ids cannot be hits
-            mask = torch.cat([mask, mask.new_zeros(B, logits.shape[1] - ids.shape[0])], 1)
-    if valid is not None:
-        # Rows that do not take part must not act as candidates either.
-        invalid = ~valid.unsqueeze(0).expand(B, B)
-        if mask is None:
-            mask = torch.zeros_like(logits, dtype=torch.bool)
-        mask[:, :B] |= invalid
-    if mask is not None:
-        mask[:, :B].fill_diagonal_(False)  # the row's own positive is never masked
-        logits.masked_fill_(mask, _MASK)
+        rows, cols = _hits(pos_ids, ids)
+        logits[rows, cols] = _MASK
+    if valid is not None and not bool(valid.all()):
+        # Rows that do not take part must not act as candidates either (their own row is
+        # excluded from the loss by its zero weight below).
+        logits[:, torch.nonzero(~valid).squeeze(1)] = _MASK
     target = torch.arange(B, device=query.device)
     loss = F.cross_entropy(logits.float(), target, reduction="none")
     w = weights.float() if weights is not None else torch.ones_like(loss)
     if valid is not None:
         w = w * valid.float()
     return (loss * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def _hits(pos_ids: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (row, candidate) pair with ``pos_ids[row] == ids[candidate]``, but each row's own positive (candidate = row).
+
+    Args:
+        pos_ids: [B] the rows' positive ids (also candidates 0..B-1).
+        ids: [C] all candidate ids, C >= B.
+    Returns:
+        ``(rows, cols)``, two [H] int64 index tensors.
+    """
+    B = pos_ids.shape[0]
+    sorted_ids, order = torch.sort(ids)
+    lo = torch.searchsorted(sorted_ids, pos_ids)
+    counts = torch.searchsorted(sorted_ids, pos_ids, right=True) - lo
+    rows = torch.repeat_interleave(torch.arange(B, device=ids.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    within = torch.arange(rows.shape[0], device=ids.device) - torch.repeat_interleave(starts - lo, counts)
+    cols = order[within]
+    keep = cols != rows
+    return rows[keep], cols[keep]
 
 
 def uniform_negatives(n: int, n_items: int, generator: torch.Generator | None, device) -> torch.Tensor:
