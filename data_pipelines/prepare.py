@@ -40,6 +40,7 @@ from data_pipelines.io import (
     read_tables,
 )
 from data_pipelines.part_files import SplitLayout, target_schema, write_split, write_split_files
+from data_pipelines.partitioning import hash_partitioned_by
 from data_pipelines.schema import EVENT_CODE, SPLITS, VOCABS
 from data_pipelines.splits import assign_splits, is_positive
 from data_pipelines.user_events import SPLIT_CODE, user_events
@@ -193,11 +194,12 @@ def _prepare_tables(
     ev = lookup(ev, "product_id", vocabs["products"], "product_idx", small["products"])
     ev = lookup(ev, "seller_id", vocabs["sellers"], "seller_idx", small["sellers"])
     # The events arrive shuffled by user (validation's duplicate GROUP BY is partitioned by the
-    # typed user id) and broadcast lookups keep that: the per-user windows of the split and the
+    # typed user id) and broadcast joins keep that: the per-user windows of the split and the
     # example and history builders, which need all of a user's events in one partition, reuse it.
-    # A sort-merge lookup (a vocabulary above data.spark.broadcast_vocab_rows) shuffles the events
-    # by its key, so they are shuffled by user once more.
-    if not (small["users"] and small["products"] and small["sellers"]):
+    # A sort-merge join on the way (a vocabulary above data.spark.broadcast_vocab_rows, a large
+    # catalog in validation's unknown-product check) moves them by its key: the plan says so, and
+    # they are shuffled by user once more.
+    if not hash_partitioned_by(ev, "user_id"):
         ev = ev.repartition("user_idx")
     ev, split_info = assign_splits(
         ev, cfg, has_ts, positive_codes, by=("user_idx", "user_id"), cutoff_events=acc["events"]

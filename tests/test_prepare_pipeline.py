@@ -248,20 +248,39 @@ def _sorted_rows(t):
     return t.sort_by([(c, "ascending") for c in keys])
 
 
-def test_sort_merge_vocab_lookups_give_the_same_rows(spark, raw, csv_run, tmp_path):
-    # Vocabularies above data.spark.broadcast_vocab_rows are joined by shuffling the events; they
-    # are then re-partitioned by user for the example and history builders, which need each
-    # user's events in one partition.
+@pytest.mark.parametrize("broadcast_vocab_rows", [0, 2_000_000])
+def test_sort_merge_joins_give_the_same_rows(spark, raw, csv_run, tmp_path, broadcast_vocab_rows):
+    # The example and history builders need each user's events in one partition. Validation
+    # shuffles the events by user; a sort-merge join on the way moves them by its key (the
+    # unknown-product check against a catalog too large to broadcast, forced here for every size;
+    # with 0, the vocabulary lookups as well), and prepare must then shuffle them by user again.
     cfg = _cfg()
-    cfg = replace(cfg, data=replace(cfg.data, spark=replace(cfg.data.spark, broadcast_vocab_rows=0)))
+    spark_cfg = replace(cfg.data.spark, broadcast_vocab_rows=broadcast_vocab_rows)
+    cfg = replace(cfg, data=replace(cfg.data, spark=spark_cfg))
     data = write_raw(raw["tables"], tmp_path / "raw_pq", "parquet")
-    with prepare.sql_conf(spark, {"spark.sql.autoBroadcastJoinThreshold": "-1"}):  # tiny tables too
+    with prepare.sql_conf(spark, {"spark.sql.autoBroadcastJoinThreshold": "-1"}):  # no automatic broadcasts
         m = prepare.run(cfg, str(data), str(tmp_path / "prepared"))
     a, ma = csv_run
     assert m["rows"] == ma["rows"]
     for rel in ["examples/train", "examples/val", "examples/test", "histories/full.parquet", "histories/train.parquet"]:
         ta, tb = pq.read_table(a / rel), pq.read_table(tmp_path / "prepared" / rel)
         assert _sorted_rows(ta).equals(_sorted_rows(tb)), rel
+
+
+def test_hash_partitioned_by_reads_the_plan(spark):
+    from data_pipelines.partitioning import hash_partitioned_by
+
+    df = spark.range(50).selectExpr("cast(id % 7 as string) as u", "id")
+    grouped = df.repartition("u").groupBy("u", "id").count()
+    with prepare.sql_conf(spark, {"spark.sql.adaptive.enabled": "false"}):  # as prepare runs
+        assert hash_partitioned_by(grouped, "u")
+        assert hash_partitioned_by(grouped.withColumnRenamed("u", "user_id"), "user_id")  # aliases followed
+        assert not hash_partitioned_by(grouped, "id")
+        assert not hash_partitioned_by(df, "u")
+        assert not hash_partitioned_by(df.repartition("u", "id"), "u")  # by two columns: a user may straddle
+    with prepare.sql_conf(spark, {"spark.sql.adaptive.enabled": "true"}):
+        # decided at run time: not known, so not assumed (a new DataFrame: a plan is made once)
+        assert not hash_partitioned_by(df.repartition("u").groupBy("u", "id").count(), "u")
 
 
 def test_failure_leaves_no_artifact(spark, csv_run, raw, tmp_path, monkeypatch):
