@@ -236,8 +236,9 @@ def _prepare_tables(
     timings["split"] = time.time() - t
 
     # 4. examples and histories (built in numpy as they are written) ----------------------------
-    # Rows are hash-partitioned by user_idx and ordered by (user_idx, ts, rid) within partitions:
-    # a deterministic order without the sampling job and shuffle of a global sort.
+    # Rows are hash-partitioned by user (user_id, or user_idx after a second shuffle) and ordered
+    # by (user_idx, ts, rid) within partitions: a deterministic order without the sampling job and
+    # shuffle of a global sort.
     events = user_events(ev, has_ts, cfg.seed)
     example_spec = ex_mod.ExampleSpec.from_config(cfg, has_ts, codes)
     history_specs = (

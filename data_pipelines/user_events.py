@@ -36,9 +36,9 @@ def user_events(ev: DataFrame, has_ts: bool, seed: int) -> DataFrame:
     """The events with a known user and product, as the flat columns :class:`UserEvents` reads.
 
     Args:
-        ev: indexed events with ``split``, partitioned by user_idx and sorted within partitions
-            by (user_idx, ts, rid) (``prepare`` caches them so): the rows of a user are contiguous
-            and users ascend, which :func:`whole_users` checks.
+        ev: indexed events with ``split``, all of a user's rows in one partition, sorted within
+            partitions by (user_idx, ts, rid) (``prepare`` caches them so): the rows of a user are
+            contiguous and users ascend, which :func:`whole_users` checks within a partition.
         has_ts: whether the events have timestamps (without, ``k`` carries the seeded order).
         seed: the seed of the order without timestamps.
 
