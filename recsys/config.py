@@ -281,6 +281,10 @@ def _build(cls: type, mapping: dict[str, Any], prefix: str, source: str, base: A
         tp = hints[k]
         if is_dataclass(tp) and base is not None and isinstance(v, dict):
             kwargs[k] = _build(tp, v, key, source, getattr(base, k))
+        elif typing.get_origin(tp) is dict and base is not None and isinstance(v, dict):
+            # mapping settings merge key by key: ``--set train.task_weights.user_seller=0`` changes
+            # that weight and keeps the others (replacing the mapping dropped them silently)
+            kwargs[k] = {**getattr(base, k), **_coerce(v, tp, key, source)}
         else:
             kwargs[k] = _coerce(v, tp, key, source)
     if base is not None:

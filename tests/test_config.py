@@ -60,3 +60,13 @@ def test_extends_chain(tmp_path: Path) -> None:
 def test_round_trip() -> None:
     cfg = load_config(None, ["train.task_weights={user_product: 1.0, user_seller: 0.0}"])
     assert merge(Config(), to_dict(cfg), "stored") == cfg
+
+
+def test_mapping_settings_merge_key_by_key(tmp_path: Path) -> None:
+    # one task weight changed: the other tasks keep theirs (a replaced mapping silently dropped them)
+    cfg = load_config(None, ["train.task_weights.user_seller=0", "train.task_weights.product_seller=0.5"])
+    assert cfg.train.task_weights == {"user_product": 1.0, "user_seller": 0.0, "product_seller": 0.5}
+    (tmp_path / "x.yaml").write_text("data:\n  event_weights: {view: 0.2}\n  spark:\n    extra: {a.b: '1'}\n")
+    cfg = load_config(tmp_path / "x.yaml", ["data.spark.extra={c.d: '2'}"])
+    assert cfg.data.event_weights == {"view": 0.2, "cart": 0.3, "purchase": 1.0}
+    assert cfg.data.spark.extra == {"a.b": "1", "c.d": "2"}
