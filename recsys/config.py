@@ -389,8 +389,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any], source: str = "stored config") -> Config:
-    """Rebuild a ``Config`` from ``to_dict`` output (as stored in an artifact's manifest)."""
-    return merge(Config(), data, source)
+    """Rebuild a ``Config`` from ``to_dict`` output (as stored in an artifact's manifest).
+
+    Exactly what was stored: mappings are taken as they are (not merged into the defaults, as
+    files and ``--set`` are); keys a stored config lacks (older versions) take their defaults.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    data = {k: v for k, v in data.items() if k not in ("extends", "description")}
+    return _build(Config, data, "", source)
 
 
 def fingerprint(obj: Any) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recsys.config import Config, ConfigError, load_config, merge, to_dict
+from recsys.config import Config, ConfigError, from_dict, load_config, merge, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -70,3 +70,13 @@ def test_mapping_settings_merge_key_by_key(tmp_path: Path) -> None:
     cfg = load_config(tmp_path / "x.yaml", ["data.spark.extra={c.d: '2'}"])
     assert cfg.data.event_weights == {"view": 0.2, "cart": 0.3, "purchase": 1.0}
     assert cfg.data.spark.extra == {"a.b": "1", "c.d": "2"}
+
+
+def test_stored_config_is_restored_exactly() -> None:
+    # a stored mapping is the run's own (not merged into today's defaults)
+    stored = to_dict(Config())
+    stored["train"]["task_weights"] = {"user_product": 1.0}
+    del stored["model"]["dim"]  # a key an older version did not store: its default
+    cfg = from_dict(stored)
+    assert cfg.train.task_weights == {"user_product": 1.0} and cfg.model.dim == Config().model.dim
+    assert from_dict(to_dict(cfg)) == cfg
