@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 
 from data_pipelines.schema import EXAMPLE_COLUMNS, SPLITS
 from data_pipelines.splits import is_positive
-from data_pipelines.user_events import SPLIT_CODE, UserEvents, list_array, slice_index, whole_users
+from data_pipelines.user_events import SPLIT_CODE, UserEvents, list_array, whole_users
 from recsys.config import DataConfig
 
 EXAMPLE_ARROW_SCHEMA = pa.schema(
@@ -53,12 +53,20 @@ EXAMPLE_DICTIONARY = ("seller_idx", "weight", "event", "hour", "dow")
 BUILT_SCHEMA = pa.schema([*EXAMPLE_ARROW_SCHEMA, ("rid", pa.int64()), ("split", pa.string())])
 
 
-def _weight(cfg: DataConfig, event_codes: dict[str, int]) -> Column:
-    """The example weight of each event type (float)."""
-    weight = F.lit(None).cast("float")
+def weights_by_code(cfg: DataConfig, event_codes: dict[str, int]) -> tuple[float, ...]:
+    """The example weight of each event code (index = code): ``cfg.event_weights``, 1.0 when unset."""
+    weights = [1.0] * (max(event_codes.values()) + 1)
     for t, code in event_codes.items():
-        weight = F.when(F.col("event") == code, F.lit(float(cfg.event_weights.get(t, 1.0)))).otherwise(weight)
-    return weight.cast("float")
+        weights[code] = float(cfg.event_weights.get(t, 1.0))
+    return tuple(weights)
+
+
+def event_weight(cfg: DataConfig, event_codes: dict[str, int]) -> Column:
+    """The example weight of each row's event code (:func:`weights_by_code`), a double column."""
+    weight = F.lit(None).cast("double")
+    for code, w in enumerate(weights_by_code(cfg, event_codes)):
+        weight = F.when(F.col("event") == code, F.lit(w)).otherwise(weight)
+    return weight
 
 
 def positive_codes(cfg: DataConfig, event_codes: dict[str, int]) -> tuple[int, ...]:
@@ -69,7 +77,7 @@ def positive_codes(cfg: DataConfig, event_codes: dict[str, int]) -> tuple[int, .
 def positives(ev: DataFrame, cfg: DataConfig, event_codes: dict[str, int]) -> DataFrame:
     """Positive events with a weight (rows with an unknown user or product, index 0, are kept: callers filter)."""
     return ev.where(is_positive(positive_codes(cfg, event_codes))).select(
-        "user_idx", "product_idx", "seller_idx", _weight(cfg, event_codes).alias("weight"), "event", "ts", "rid", "split"
+        "user_idx", "product_idx", "seller_idx", event_weight(cfg, event_codes).cast("float").alias("weight"), "event", "ts", "rid", "split"
     )
 
 
@@ -91,10 +99,31 @@ class ExampleSpec:
 
     @classmethod
     def from_config(cls, cfg: DataConfig, has_ts: bool, event_codes: dict[str, int]) -> ExampleSpec:
-        weights = [1.0] * (max(event_codes.values()) + 1)
-        for t, code in event_codes.items():
-            weights[code] = float(cfg.event_weights.get(t, 1.0))
-        return cls(bool(has_ts), int(cfg.max_history), positive_codes(cfg, event_codes), tuple(weights))
+        return cls(bool(has_ts), int(cfg.max_history), positive_codes(cfg, event_codes), weights_by_code(cfg, event_codes))
+
+
+def slice_index(
+    s1: np.ndarray, n1: np.ndarray, s2: np.ndarray | None = None, n2: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and gather indexes of the lists ``values[s1:s1+n1] ++ values[s2:s2+n2]``, one per row.
+
+    Args:
+        s1, n1: (E,) start and length of each row's first slice.
+        s2, n2: (E,) the optional second slice.
+
+    Returns:
+        ``(offsets (E+1,) int32, idx (sum of lengths,) int64)``: row i is ``values[idx[offsets[i]:offsets[i+1]]]``.
+    """
+    n = n1 if n2 is None else n1 + n2
+    offsets = np.zeros(len(n) + 1, dtype=np.int64)
+    np.cumsum(n, out=offsets[1:])
+    if n2 is None:
+        idx = np.repeat(s1 - offsets[:-1], n) + np.arange(offsets[-1], dtype=np.int64)
+    else:
+        rel = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], n)
+        first = np.repeat(n1, n)
+        idx = np.where(rel < first, np.repeat(s1, n) + rel, np.repeat(s2, n) + rel - first)
+    return offsets.astype(np.int32), idx
 
 
 def examples_from_events(e: UserEvents, spec: ExampleSpec) -> list[pa.RecordBatch]:

@@ -35,6 +35,7 @@ from typing import Any
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from data_pipelines.examples import event_weight
 from data_pipelines.vocab import category_prefixes, lookup
 from recsys.config import DataConfig
 
@@ -86,13 +87,6 @@ def _index_frame(vocab: DataFrame, name: str) -> DataFrame:
     spark = vocab.sparkSession
     zero = spark.createDataFrame([(0,)], f"{name} int")
     return zero.unionByName(vocab.select(F.col("index").cast("int").alias(name)))
-
-
-def _event_weight(cfg: DataConfig, event_codes: dict[str, int]) -> F.Column:
-    w = F.lit(0.0)
-    for t, code in event_codes.items():
-        w = F.when(F.col("event") == code, F.lit(float(cfg.event_weights.get(t, 1.0)))).otherwise(w)
-    return w
 
 
 def _scale(
@@ -157,7 +151,7 @@ def product_features(
         F.median(priced_price).alias("_med_offer"),
         F.min(priced_price).alias("_min_offer"),
     )
-    w = _event_weight(cfg, event_codes)
+    w = event_weight(cfg, event_codes)
     aggs = [F.sum(w).alias("_pop_all"), F.min("ts").alias("_first_ts")]
     for d in cfg.popularity_windows_days:
         if cutoff is not None:

@@ -76,7 +76,7 @@ def rewrite(parts: list[Path], dst: Path, rows: int, target: pa.Schema | None, f
     """Stream ``parts`` (in order) into ``dst`` with ``rows`` rows per row group; returns the row count.
 
     Args:
-        parts: Spark part files, concatenated in this order.
+        parts: part files (the tasks' own, or Spark's), concatenated in this order.
         dst: the output file.
         rows: rows per row group.
         target: the output schema (None: the first part's schema).

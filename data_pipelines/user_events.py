@@ -143,30 +143,6 @@ class UserEvents:
         )
 
 
-def slice_index(
-    s1: np.ndarray, n1: np.ndarray, s2: np.ndarray | None = None, n2: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets and gather indexes of the lists ``values[s1:s1+n1] ++ values[s2:s2+n2]``, one per row.
-
-    Args:
-        s1, n1: (E,) start and length of each row's first slice.
-        s2, n2: (E,) the optional second slice.
-
-    Returns:
-        ``(offsets (E+1,) int32, idx (sum of lengths,) int64)``: row i is ``values[idx[offsets[i]:offsets[i+1]]]``.
-    """
-    n = n1 if n2 is None else n1 + n2
-    offsets = np.zeros(len(n) + 1, dtype=np.int64)
-    np.cumsum(n, out=offsets[1:])
-    if n2 is None:
-        idx = np.repeat(s1 - offsets[:-1], n) + np.arange(offsets[-1], dtype=np.int64)
-    else:
-        rel = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], n)
-        first = np.repeat(n1, n)
-        idx = np.where(rel < first, np.repeat(s1, n) + rel, np.repeat(s2, n) + rel - first)
-    return offsets.astype(np.int32), idx
-
-
 def list_array(offsets: np.ndarray, values: np.ndarray, dtype: pa.DataType) -> pa.ListArray:
     """A ListArray from int32 offsets and values cast to ``dtype``."""
     values = values.astype(dtype.to_pandas_dtype(), copy=False)

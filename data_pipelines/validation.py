@@ -173,17 +173,15 @@ def _flag(
     cluster: str | None = None,
 ) -> Flagged:
     raw = list(df.columns)
-    if cluster is None:
-        g = df.groupBy(*[qcol(c) for c in raw]).agg(F.count(F.lit(1)).alias("_n"))
-        g = g.withColumns({_T + k: v for k, v in typed.items()})
-    else:
+    keys = [qcol(c) for c in raw]
+    if cluster is not None:
         # Shuffled by the typed ``cluster`` column (a function of the raw row, so grouping by it
         # too changes no group): the duplicate GROUP BY needs no shuffle of its own, and the
         # output arrives partitioned by it for the per-user work downstream.
-        c = _T + cluster
-        g = df.withColumn(c, typed[cluster]).repartition(c)
-        g = g.groupBy(qcol(c), *[qcol(x) for x in raw]).agg(F.count(F.lit(1)).alias("_n"))
-        g = g.withColumns({_T + k: v for k, v in typed.items() if k != cluster})
+        df = df.withColumn(_T + cluster, typed[cluster]).repartition(_T + cluster)
+        keys.insert(0, qcol(_T + cluster))
+    g = df.groupBy(*keys).agg(F.count(F.lit(1)).alias("_n"))
+    g = g.withColumns({_T + k: v for k, v in typed.items() if k != cluster})
     # a content hash of the typed values: a deterministic tie-breaker and seed that does not
     # depend on the file format (CSV "" and Parquet null, "10" and "10.00" hash alike)
     g = g.withColumn("_rid", F.xxhash64(*[qcol(_T + k) for k in typed]))

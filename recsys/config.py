@@ -305,12 +305,14 @@ def merge(cfg: Config, mapping: dict[str, Any], source: str) -> Config:
     """
     if mapping is None:
         return cfg
+    return _build(Config, _sections(mapping, source), "", source, cfg)
+
+
+def _sections(mapping: Any, source: str) -> dict[str, Any]:
+    """The config sections of a file's or a stored config's top level (``extends`` and ``description`` dropped)."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections")
-    mapping = dict(mapping)
-    mapping.pop("extends", None)
-    mapping.pop("description", None)
-    return _build(Config, mapping, "", source, cfg)
+    return {k: v for k, v in mapping.items() if k not in ("extends", "description")}
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -394,10 +396,7 @@ def from_dict(data: dict[str, Any], source: str = "stored config") -> Config:
     Exactly what was stored: mappings are taken as they are (not merged into the defaults, as
     files and ``--set`` are); keys a stored config lacks (older versions) take their defaults.
     """
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of sections")
-    data = {k: v for k, v in data.items() if k not in ("extends", "description")}
-    return _build(Config, data, "", source)
+    return _build(Config, _sections(data, source), "", source)
 
 
 def fingerprint(obj: Any) -> str:

@@ -81,10 +81,10 @@ def sampled_softmax_loss(
         ids = torch.cat([pos_ids, neg_ids]) if has_neg and neg_ids is not None else pos_ids
         rows, cols = _hits(pos_ids, ids)
         logits[rows, cols] = _MASK
-    if valid is not None and not bool(valid.all()):
+    if valid is not None:
         # Rows that do not take part must not act as candidates either (their own row is
-        # excluded from the loss by its zero weight below).
-        logits[:, torch.nonzero(~valid).squeeze(1)] = _MASK
+        # excluded from the loss by its zero weight below). A [B, B] fill: no host sync on a GPU.
+        logits[:, :B].masked_fill_(~valid.unsqueeze(0), _MASK)
     target = torch.arange(B, device=query.device)
     loss = F.cross_entropy(logits.float(), target, reduction="none")
     w = weights.float() if weights is not None else torch.ones_like(loss)
