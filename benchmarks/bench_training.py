@@ -103,9 +103,16 @@ def bench_minimal(rows: int, dim: int, batches, warmup: int) -> float:
 
 
 def _module(rows: int, cfg: Config) -> TwoTowerLightning:
+    k = cfg.model.item_neighbors
     shape = TowerShape(n_users=rows, n_products=rows, n_sellers=1000, n_categories=1, n_brands=1,
-                       n_product_features=0, n_seller_features=0, dim=cfg.model.dim, hidden=cfg.model.hidden)
-    return TwoTowerLightning(shape.to_dict(), to_dict(cfg.train), {"history_dropout": cfg.model.history_dropout})
+                       n_product_features=0, n_seller_features=0, dim=cfg.model.dim, hidden=cfg.model.hidden,
+                       item_neighbors=k)
+    lit = TwoTowerLightning(shape.to_dict(), to_dict(cfg.train), {"history_dropout": cfg.model.history_dropout})
+    if k > 0:
+        # every product gets k random neighbours: the most lookups the neighbour mean can cost
+        g = torch.Generator().manual_seed(0)
+        lit.model.products.set_neighbors(torch.randint(1, rows, (rows, k), generator=g))
+    return lit
 
 
 def bench_plain(rows: int, cfg: Config, batches, warmup: int) -> float:

@@ -73,6 +73,9 @@ class ModelConfig:
     # The history encoder reads its own product / seller tables instead of the candidate towers' id
     # tables (asymmetric item-item, as in FISM): the score is <W mean(q_history), p_candidate>.
     separate_history: bool = False
+    # Co-occurrence neighbours per product whose mean id embedding is added to the product's own
+    # (towers/item_neighbors.py); 0 = off.
+    item_neighbors: int = 0
     user_hash_buckets: int = 0  # 0 = unknown users share index 0; >0 hashes unseen ids into buckets
     temperature: float = 0.1
     learn_temperature: bool = False

@@ -90,13 +90,15 @@ def test_separate_history_tables() -> None:
         assert torch.allclose(sep.user_vectors(b), before)
 
 
-def test_training_learns_planted_clusters(tmp_path) -> None:
+@pytest.mark.parametrize("neighbors", [0, 5])
+def test_training_learns_planted_clusters(tmp_path, neighbors: int) -> None:
     from tests.tiny_prepared import write_tiny_prepared
     from towers import evaluate, train
 
     prep = write_tiny_prepared(tmp_path / "prep")
     cfg = load_config(None, ["train.epochs=6", "train.batch_size=128", "train.num_negatives=32", "data.max_history=20",
-                             "train.val_k=10", "eval.baselines=[popularity]", "train.early_stopping_patience=10"])
+                             "train.val_k=10", "eval.baselines=[popularity]", "train.early_stopping_patience=10",
+                             f"model.item_neighbors={neighbors}"])
     summary = train.run(cfg, prep, tmp_path / "run", resume=False, progress=False)
     assert summary["epochs"] >= 1
     import csv
@@ -112,6 +114,13 @@ def test_training_learns_planted_clusters(tmp_path) -> None:
     # 20 products per cluster, 10 seen: chance recall@10 is ~10/110; the clusters make it reachable.
     assert tt["recall@10"] > 0.8 > pop["recall@10"] * 3
     assert report["models"]["two_tower"]["sellers"]["recall@10"] > 0.9
+    if neighbors:
+        from towers.checkpoint import load_towers
+        from towers.item_neighbors import neighbors_from_examples
+
+        model, _ = load_towers(tmp_path / "run" / "model")
+        want = neighbors_from_examples(prep, ["train"], model.shape.n_products, neighbors, cfg.train.seed)
+        assert (want > 0).any() and np.array_equal(model.products.neighbors.numpy(), want)
 
 
 def _reference_loss(q, p, pid, t, neg, nid, pc, nc, w, valid):

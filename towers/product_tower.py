@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from towers.embeddings import embedding
+from towers.embeddings import embedding, ragged_mean
 from towers.shapes import TowerShape
 
 
@@ -15,6 +15,10 @@ class ProductTower(nn.Module):
     The catalog features are stored as buffers (``cats`` [N, 4]: category levels 1-3 and brand,
     ``num`` [N, F]: scaled numeric features), so the state dict alone rebuilds the tower at serving
     time. With id-only data the feature part is skipped.
+
+    With ``item_neighbors`` = K > 0, ``neighbors`` [N, K] (a buffer, 0-padded; see
+    :mod:`towers.item_neighbors`) lists each product's co-occurrence neighbours, and the mean of
+    their id embeddings is added to the product's own.
     """
 
     def __init__(self, shape: TowerShape, cats: torch.Tensor | None = None, num: torch.Tensor | None = None):
@@ -28,6 +32,8 @@ class ProductTower(nn.Module):
         self.register_buffer(
             "num", num.float() if num is not None else torch.zeros(n, shape.n_product_features)
         )
+        if shape.item_neighbors > 0:
+            self.register_buffer("neighbors", torch.zeros(n, shape.item_neighbors, dtype=torch.int32))
         if self.use_features:
             self.cat_emb = embedding(shape.n_categories, d, shape.sparse, std=0.02)
             self.brand_emb = embedding(shape.n_brands, d, shape.sparse, std=0.02)
@@ -37,6 +43,9 @@ class ProductTower(nn.Module):
     def forward(self, product_idx: torch.Tensor) -> torch.Tensor:
         """Args: product_idx: [...] int64. Returns: [..., d] float."""
         x = self.id_emb(product_idx)
+        if self.shape.item_neighbors > 0:
+            nb = self.neighbors[product_idx.reshape(-1)].long()
+            x = x + ragged_mean(self.id_emb, nb, nb > 0).reshape(x.shape)
         if self.use_features:
             c = self.cats[product_idx]
             f = self.cat_emb(c[..., 0]) + self.cat_emb(c[..., 1]) + self.cat_emb(c[..., 2]) + self.brand_emb(c[..., 3])
@@ -44,3 +53,8 @@ class ProductTower(nn.Module):
                 f = f + self.num_proj(self.num[product_idx])
             x = x + self.mix(f)
         return x
+
+    def set_neighbors(self, neighbors: torch.Tensor) -> None:
+        """Copy the co-occurrence neighbours in. Args: neighbors: [N, K] int, 0-padded."""
+        with torch.no_grad():
+            self.neighbors.copy_(neighbors.to(self.neighbors.dtype))

@@ -24,6 +24,7 @@ class TowerShape:
     history_pooling: str = "mean"
     use_user_id: bool = True
     separate_history: bool = False
+    item_neighbors: int = 0
     user_hash_buckets: int = 0
     use_features: bool = True
     sparse: bool = True

@@ -19,6 +19,7 @@ from towers import tracking
 from towers.catalog import load_catalog
 from towers.checkpoint import save_towers
 from towers.datamodule import TowerDataModule
+from towers.item_neighbors import neighbors_from_examples
 from towers.lit_module import TwoTowerLightning
 from towers.lr_schedule import PlateauDecay, ReplayDecay
 from towers.shapes import TowerShape
@@ -42,6 +43,7 @@ def tower_shape(cfg: Config, catalog) -> TowerShape:
         history_pooling=m.history_pooling,
         use_user_id=m.use_user_id,
         separate_history=m.separate_history,
+        item_neighbors=m.item_neighbors,
         user_hash_buckets=m.user_hash_buckets,
         use_features=m.use_features,
         sparse=m.sparse_embeddings and not (cfg.train.accelerator == "gpu" and cfg.train.devices > 1),
@@ -96,6 +98,10 @@ def run(
     tcfg = to_dict(cfg.train)
     lit = TwoTowerLightning(shape.to_dict(), tcfg, {"history_dropout": cfg.model.history_dropout}, cfg.eval.ks[:3])
     lit.set_catalog(catalog)
+    if shape.item_neighbors > 0:
+        # from the splits this model trains on: held-out interactions must not shape the neighbours
+        nbrs = neighbors_from_examples(prepared, train_splits, shape.n_products, shape.item_neighbors, cfg.train.seed)
+        lit.model.products.set_neighbors(torch.from_numpy(nbrs))
     dm = TowerDataModule(
         prepared,
         batch_size=cfg.train.batch_size,

@@ -3,31 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from towers.embeddings import embedding
+from towers.embeddings import embedding, ragged_mean
 from towers.history_encoder import HistoryEncoder
 from towers.shapes import TowerShape
-
-
-def ragged_mean(table: nn.Embedding, idx: torch.Tensor, mask: torch.Tensor, denom: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of ``table`` rows over the unmasked entries of each row of ``idx`` [B, L] → [B, d].
-
-    Looks up each distinct id once and pools with ``embedding_bag`` over the compacted ids, so the
-    sparse gradient has one row per distinct id instead of B × L rows (coalescing those rows was
-    the largest cost of a CPU training step) and no [B, L, d] tensor is materialised.
-    """
-    counts = mask.sum(1)
-    flat = idx[mask]
-    if flat.numel() == 0:
-        return torch.zeros(idx.shape[0], table.embedding_dim, device=idx.device, dtype=table.weight.dtype)
-    uniq, inv = torch.unique(flat, return_inverse=True)
-    rows = table(uniq)
-    offsets = torch.cumsum(counts, 0) - counts
-    summed = F.embedding_bag(inv, rows, offsets, mode="sum")
-    d = (counts if denom is None else denom).clamp_min(1).unsqueeze(1).to(summed.dtype)
-    return summed / d
 
 
 class UserTower(nn.Module):
