@@ -35,6 +35,8 @@ def test_capped_users_are_a_seeded_subset() -> None:
     assert np.array_equal(a, cooccurrence_neighbors(user, prod, 200, 5, max_items_per_user=10, seed=1))
     assert not np.array_equal(a, cooccurrence_neighbors(user, prod, 200, 5, max_items_per_user=10, seed=2))
     assert not np.array_equal(a, cooccurrence_neighbors(user, prod, 200, 5, max_items_per_user=30, seed=1))
+    for block in (1, 500):  # scoring products in blocks (one product at a time, a few) changes nothing
+        assert np.array_equal(a, cooccurrence_neighbors(user, prod, 200, 5, max_items_per_user=10, seed=1, block_pairs=block))
 
 
 def test_product_vector_adds_the_neighbours_mean_and_survives_save(tmp_path) -> None:

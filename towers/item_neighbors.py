@@ -45,6 +45,7 @@ def cooccurrence_neighbors(
     max_items_per_user: int = 200,
     max_pairs: int = 50_000_000,
     seed: int = 0,
+    block_pairs: int = 4_000_000,
 ) -> np.ndarray:
     """The ``k`` products most often chosen by the same users as each product (cosine-normalised).
 
@@ -59,6 +60,7 @@ def cooccurrence_neighbors(
         max_items_per_user: cap on a user's items.
         max_pairs: budget of co-occurrence pairs; lowers the cap on large logs.
         seed: seed of the per-user subsets.
+        block_pairs: co-occurrence entries scored at a time (bounds memory).
 
     Returns:
         (n_products, k) int32: neighbour indexes, best first, 0-padded (products with fewer
@@ -85,21 +87,44 @@ def cooccurrence_neighbors(
     _, u = np.unique(u, return_inverse=True)
     R = sp.csr_matrix((np.ones(len(u), dtype=np.float32), (u, p)), shape=(int(u.max()) + 1, n_products))
     deg = np.asarray(R.sum(0), dtype=np.float64).ravel()
-    C = (R.T @ R).tocsr()  # symmetric: row i holds the products co-chosen with i
+    Rt = R.T.tocsr()  # products x users
+    # Blocks of products whose co-occurrence rows hold at most ``block_pairs`` entries (bounded by
+    # the sum of their users' item counts), so memory stays flat however large the log is.
+    bound = np.cumsum(Rt @ np.asarray(R.sum(1), dtype=np.float64).ravel())
+    a = 0
+    while a < n_products:
+        b = max(int(np.searchsorted(bound, (bound[a - 1] if a else 0.0) + block_pairs, side="right")), a + 1)
+        b = min(b, n_products)
+        _top_k_rows(Rt[a:b] @ R, a, deg, k, out)
+        a = b
+    return out
+
+
+def _top_k_rows(C: sp.csr_matrix, first: int, deg: np.ndarray, k: int, out: np.ndarray) -> None:
+    """Write the ``k`` best-scored columns of each row of a block of co-occurrence rows into ``out``.
+
+    Args:
+        C: (rows, n_products) co-occurrence counts of products ``first .. first + rows - 1``.
+        first: the block's first product.
+        deg: (n_products,) users per product.
+        k: neighbours per product.
+        out: (n_products, k) int32, written in place.
+    """
+    C = C.tocsr()
     C.sort_indices()
-    rows = np.repeat(np.arange(n_products, dtype=np.int64), np.diff(C.indptr))
+    local = np.repeat(np.arange(C.shape[0], dtype=np.int64), np.diff(C.indptr))
+    rows = local + first
     cols = C.indices.astype(np.int64)
     score = C.data / np.sqrt(deg[rows] * deg[cols])
     score[rows == cols] = -1.0  # a product is not its own neighbour
     # Best first within each row, ties by the lower index: one stable sort of an int64 key (row in
     # the high bits, the score's 31-bit complement below) is 3x faster than a three-key lexsort.
     q = np.round(np.clip(score, 0.0, 1.0) * (2**31 - 2)).astype(np.int64)
-    order = np.argsort((rows << 32) | ((2**31 - 1) - q), kind="stable")
-    rows, cols, score = rows[order], cols[order], score[order]
-    pos = np.arange(len(rows)) - C.indptr[rows]
+    order = np.argsort((local << 32) | ((2**31 - 1) - q), kind="stable")
+    local, cols, score = local[order], cols[order], score[order]
+    pos = np.arange(len(local)) - C.indptr[local]
     top = (pos < k) & (score > 0)
-    out[rows[top], pos[top]] = cols[top]
-    return out
+    out[local[top] + first, pos[top]] = cols[top]
 
 
 def neighbors_from_examples(
