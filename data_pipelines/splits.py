@@ -6,7 +6,8 @@ Validation is always carved from what would otherwise be training data, never fr
 
 - ``temporal``: global cutoffs at time quantiles of the positive events: the last ``test_fraction``
   of them (by time) is test, the ``val_fraction`` before it val. Every event (positive or not)
-  follows its timestamp.
+  follows its timestamp. The quantiles are exact (:func:`exact_quantiles`), so they do not depend
+  on the order of rows in Spark's partitions.
 - ``leave_last_out``: per user, by (ts, row hash): the last positive is test and the
   second-to-last val, for users with at least 3 positives (others: all train). A user's
   non-positive events after the val/test target follow it into val/test.
@@ -21,6 +22,7 @@ All randomness is a hash of (seed, row content), so reruns give the same assignm
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -61,12 +63,53 @@ def is_positive(positive_codes: list[int] | tuple[int, ...]) -> Column:
     return F.col("event").isin(*positive_codes) if positive_codes else F.lit(False)
 
 
+def exact_quantiles(df: DataFrame, col: str, qs: list[float], rel_err: float = 1e-4) -> list[float | None]:
+    """Exact q-quantiles of a numeric column: the ``ceil(q n)``-th smallest non-null value (at least the 1st).
+
+    Spark's ``approxQuantile`` answers from summaries whose result depends on the order of rows in
+    the partitions, which a shuffle does not fix: reruns of the same job moved cutoffs by seconds and
+    with them a few events between splits. Here the approximate quantiles at ``q -/+ 2 rel_err`` only
+    bound a small window of values, counted and collected exactly.
+
+    Args:
+        df: the rows.
+        col: a numeric column.
+        qs: quantiles in [0, 1].
+        rel_err: relative error of the bounding approximate quantiles (window size ~4 rel_err n).
+
+    Returns:
+        One value per q, or ``None`` for each when the column has no non-null value.
+    """
+    x = df.select(F.col(col).alias("x")).where(F.col("x").isNotNull())
+    n = x.count()
+    if n == 0:
+        return [None] * len(qs)
+    eps = 2 * rel_err
+    bounds = x.approxQuantile("x", [b for q in qs for b in (max(0.0, q - eps), min(1.0, q + eps))], rel_err)
+    ranks = [min(n, max(1, math.ceil(q * n))) for q in qs]
+    windows = [(bounds[2 * i], bounds[2 * i + 1]) for i in range(len(qs))]
+    below = x.agg(*[F.sum((F.col("x") < lo).cast("long")).alias(f"b{i}") for i, (lo, _) in enumerate(windows)]).first()
+    inside = F.lit(False)
+    for lo, hi in windows:
+        inside = inside | F.col("x").between(lo, hi)
+    values = sorted(r[0] for r in x.where(inside).collect())
+    out: list[float | None] = []
+    for i, ((lo, hi), r) in enumerate(zip(windows, ranks, strict=True)):
+        w = [v for v in values if lo <= v <= hi]
+        k = r - int(below[f"b{i}"] or 0)
+        if 1 <= k <= len(w):
+            out.append(w[k - 1])
+        else:  # outside the approximate bounds (should not happen): the exact value from a full sort
+            out.append(x.orderBy("x").offset(r - 1).first()[0])
+    return out
+
+
 def temporal(
     ev: DataFrame, cfg: DataConfig, positive_codes: list[int], cutoff_events: DataFrame | None = None
 ) -> tuple[DataFrame, dict[str, Any]]:
     pos = (ev if cutoff_events is None else cutoff_events).where(is_positive(positive_codes))
     qs = [max(0.0, 1.0 - cfg.test_fraction - cfg.val_fraction), max(0.0, 1.0 - cfg.test_fraction)]
-    got = [q for q in (pos.approxQuantile("ts", qs, 1e-4) or []) if q is not None]
+    got = [q for q in exact_quantiles(pos, "ts", qs) if q is not None]
     if len(got) < 2:
         val_cut = test_cut = None
         out = ev.withColumn("split", F.lit("train"))

@@ -100,3 +100,23 @@ def test_random_split_without_timestamps(spark):
         assert (g.split == "train").sum() >= 1
     frac = df.split.value_counts(normalize=True)
     assert 0.1 < frac["test"] < 0.35 and 0.1 < frac["val"] < 0.35
+
+
+@pytest.mark.parametrize("rel_err", [1e-4, 0.05])
+def test_exact_quantiles_known_answer_in_any_row_order(spark, rel_err: float) -> None:
+    import math
+
+    import numpy as np
+
+    from data_pipelines.splits import exact_quantiles
+
+    rng = np.random.default_rng(3)
+    vals = np.concatenate([rng.integers(0, 500, 3000), np.full(400, 250)])  # many ties at one value
+    qs = [0.0, 0.1, 0.5, 0.8, 0.9, 0.97, 1.0]
+    srt = np.sort(vals)
+    want = [int(srt[max(1, math.ceil(q * len(vals))) - 1]) for q in qs]
+    df = spark.createDataFrame([(int(v),) for v in vals], "ts long")
+    for seed in (1, 2):  # the same rows in two different partition orders
+        shuffled = df.repartition(7).orderBy(F.rand(seed)).repartition(5)
+        assert [int(v) for v in exact_quantiles(shuffled, "ts", qs, rel_err)] == want
+    assert exact_quantiles(df.where("ts < 0"), "ts", [0.5]) == [None]
