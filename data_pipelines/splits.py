@@ -81,14 +81,18 @@ def exact_quantiles(df: DataFrame, col: str, qs: list[float], rel_err: float = 1
         One value per q, or ``None`` for each when the column has no non-null value.
     """
     x = df.select(F.col(col).alias("x")).where(F.col("x").isNotNull())
-    n = x.count()
-    if n == 0:
-        return [None] * len(qs)
     eps = 2 * rel_err
     bounds = x.approxQuantile("x", [b for q in qs for b in (max(0.0, q - eps), min(1.0, q + eps))], rel_err)
-    ranks = [min(n, max(1, math.ceil(q * n))) for q in qs]
+    if not bounds:  # no non-null value
+        return [None] * len(qs)
     windows = [(bounds[2 * i], bounds[2 * i + 1]) for i in range(len(qs))]
-    below = x.agg(*[F.sum((F.col("x") < lo).cast("long")).alias(f"b{i}") for i, (lo, _) in enumerate(windows)]).first()
+    # the row count and the counts below each window in one pass
+    below = x.agg(
+        F.count(F.lit(1)).alias("n"),
+        *[F.sum((F.col("x") < lo).cast("long")).alias(f"b{i}") for i, (lo, _) in enumerate(windows)],
+    ).first()
+    n = int(below["n"])
+    ranks = [min(n, max(1, math.ceil(q * n))) for q in qs]
     inside = F.lit(False)
     for lo, hi in windows:
         inside = inside | F.col("x").between(lo, hi)
