@@ -5,7 +5,7 @@ Raw tables (CSV or Parquet, one directory; a table is ``NAME.csv``, ``NAME.parqu
 
 - ``events`` (required): user_id, product_id; optional event_type (view|cart|purchase, default
   purchase), timestamp (ISO-8601 string, epoch seconds or a timestamp column), seller_id, price,
-  quantity, session_id. A source may add ``split`` (train|test) for a predefined split.
+  quantity, session_id. A source may add ``split`` (train|val|test) for a predefined split.
 - ``products`` (optional): product_id; optional category (path ``a > b > c``), brand, title, price, ...
 - ``offers`` (optional): product_id, seller_id; optional price, stock, shipping_days.
 - ``sellers`` (optional): seller_id; optional rating, region, created_at, ...

@@ -11,10 +11,15 @@ Validation is always carved from what would otherwise be training data, never fr
 - ``leave_last_out``: per user, by (ts, row hash): the last positive is test and the
   second-to-last val, for users with at least 3 positives (others: all train). A user's
   non-positive events after the val/test target follow it into val/test.
-- ``predefined``: events carry ``split`` = train|test; val is a seeded random ``val_fraction`` of
-  each user's train positives (stochastic rounding per user, at least one positive stays train).
+- ``predefined``: events carry ``split`` = train|val|test; rows given as val stay val, and a seeded
+  random ``val_fraction`` of each user's train positives is carved to val as well (stochastic
+  rounding per user, at least one positive stays train; ``val_fraction`` = 0: only the given val).
 - ``random``: per user seeded random test and val positives (same rounding; one stays train).
   Non-positive events stay train.
+- ``val_carve`` = ``last`` makes the two carves above take each user's latest positives (by ts,
+  then row hash) instead of random ones: for sequential data whose test follows the training
+  events. Without timestamps there is no order here, so only rows the source gives as val are
+  val (the LightGCN adapter marks the end of each ``train.txt`` line: it is ordered).
 - ``auto``: predefined when a split column exists, else temporal with timestamps, else random.
 
 All randomness is a hash of (seed, row content), so reruns give the same assignment.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, Window
@@ -44,7 +50,7 @@ def resolve_method(requested: str, has_split_column: bool, has_ts: bool) -> str:
     if requested in ("temporal", "leave_last_out") and not has_ts:
         raise ValueError(f"data.split={requested} needs event timestamps, and these events have none")
     if requested == "predefined" and not has_split_column:
-        raise ValueError("data.split=predefined needs a 'split' column (train|test) in the events")
+        raise ValueError("data.split=predefined needs a 'split' column (train|val|test) in the events")
     return requested
 
 
@@ -157,11 +163,16 @@ def leave_last_out(ev: DataFrame, positive_codes: list[int], by: list[str]) -> D
 def _carve(
     ev: DataFrame, cfg: DataConfig, positive_codes: list[int], base: Column, test_fraction: float, by: list[str]
 ) -> DataFrame:
-    """Per user, random ``test_fraction`` of the candidate positives to test (when > 0) and
-    ``val_fraction`` to val; ``base`` is the split before carving; candidates = positives with base train."""
+    """Per user, ``test_fraction`` of the candidate positives to test (when > 0) and ``val_fraction``
+    to val, random ones or (``cfg.val_carve`` = last) the latest; ``base`` is the split before
+    carving; candidates = positives with base train."""
     cand = is_positive(positive_codes) & (base == "train")
     w_user = Window.partitionBy(*by)
-    w_ord = Window.partitionBy(*by, cand).orderBy(uniform(cfg.seed, F.col("rid")), F.col("rid"))
+    if cfg.val_carve == "last":
+        order = [F.col("ts").desc(), F.col("rid").desc()]
+    else:
+        order = [uniform(cfg.seed, F.col("rid")), F.col("rid")]
+    w_ord = Window.partitionBy(*by, cand).orderBy(*order)
     x = ev.withColumn("_base", base).withColumn("_cand", cand)
     x = x.withColumn("_r", F.row_number().over(w_ord))
     x = x.withColumn("_n", F.sum(F.col("_cand").cast("long")).over(w_user))
@@ -203,6 +214,12 @@ def assign_splits(
     """
     has_split = "split" in ev.columns
     method = resolve_method(cfg.split, has_split, has_ts)
+    if cfg.val_carve not in ("random", "last"):
+        raise ValueError(f"data.val_carve must be 'random' or 'last', got {cfg.val_carve!r}")
+    if cfg.val_carve == "last" and not has_ts:
+        if method != "predefined":
+            raise ValueError("data.val_carve=last needs timestamps, or a predefined split whose source gives the val rows")
+        cfg = replace(cfg, val_fraction=0.0)  # no order to carve by: the source gave the val rows
     info: dict[str, Any] = {
         "requested": cfg.split,
         "method": method,
@@ -210,6 +227,7 @@ def assign_splits(
         "val_fraction": cfg.val_fraction,
         "test_fraction": cfg.test_fraction,
         "seed": cfg.seed,
+        "val_carve": cfg.val_carve,
     }
     if method == "temporal":
         out, cut = temporal(ev, cfg, positive_codes, cutoff_events)

@@ -17,7 +17,7 @@ Reasons, in the order they are checked (a row gets the first that applies):
   unparsable (ISO-8601 strings, epoch seconds as numbers or numeric strings, or timestamp columns).
   ``bad_timestamp`` also covers unparsable ``created_at`` / ``signup_date`` on catalog tables.
 - ``bad_<col>`` / ``negative_<col>``: unparsable or negative price, stock, shipping_days, rating.
-- ``bad_split``: a ``split`` column value other than train|test.
+- ``bad_split``: a ``split`` column value other than train|val|test.
 - ``unknown_product``: an event for a product absent from a provided products catalog (checked
   against the catalog's non-empty ids, so a catalog row rejected for, say, a bad price does not
   drop that product's events).
@@ -261,7 +261,7 @@ def flag_events(events: DataFrame, with_ts: bool, catalog_ids: DataFrame | None 
     if "split" in cols:
         sp = F.lower(F.trim(c("split").cast("string")))
         typed["split"] = sp
-        checks.append(("bad_split", ~F.coalesce(sp.isin("train", "test"), F.lit(False))))
+        checks.append(("bad_split", ~F.coalesce(sp.isin("train", "val", "test"), F.lit(False))))
     pre_join = None
     if catalog_ids is not None:
         ids = catalog_ids.select(F.col("product_id").alias("_known_pid")).distinct().withColumn("_known", F.lit(True))

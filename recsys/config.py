@@ -54,6 +54,10 @@ class DataConfig:
     split: str = "auto"  # auto | temporal | leave_last_out | predefined | random
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    # Which of a user's train positives the random and predefined splits carve to val (and, for
+    # random, to test): "random" (seeded), or "last" (the latest by timestamp; without timestamps
+    # only what the source orders: the LightGCN adapter gives the end of each train line).
+    val_carve: str = "random"
     min_user_count: int = 1
     min_product_count: int = 1
     min_seller_count: int = 1

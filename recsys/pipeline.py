@@ -79,7 +79,9 @@ def _prepare(ctx: FitContext) -> dict[str, Any]:
     assert ctx.data_dir is not None
     tables = None
     if ctx.source not in ("contract", "synthetic"):
-        tables = read_source(get_spark(ctx.cfg.data.spark), ctx.source, str(ctx.data_dir))
+        d = ctx.cfg.data
+        tables = read_source(get_spark(d.spark), ctx.source, str(ctx.data_dir),
+                             val_last_fraction=d.val_fraction if d.val_carve == "last" else 0.0, seed=d.seed)
     m = prepare.run(ctx.cfg, str(ctx.data_dir), str(ctx.prepared), tables=tables, progress=say)
     return {k: m.get(k) for k in ("row_counts", "rejected", "split", "n_users", "n_products", "n_sellers")}
 

@@ -118,6 +118,22 @@ def test_lightgcn(spark):
     assert sorted(r.user_id for r in t["users"].collect()) == ["0", "1", "2", "3"]
 
 
+def test_lightgcn_marks_the_end_of_each_train_line_as_val(spark, tmp_path):
+    lines = ["7 " + " ".join(str(i) for i in range(10)), "8 5 6", "9 4"]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.txt").write_text("7 20\n")
+    t = read_source(spark, "lightgcn", str(tmp_path), val_last_fraction=0.3, seed=1)
+    ev = [(r.user_id, r.product_id, r.split) for r in t["events"].collect()]
+    val = {(u, p) for u, p, s in ev if s == "val"}
+    # user 7: 3 of 10 items (0.3 * 10, no rounding), the last three of the line
+    assert {p for u, p in val if u == "7"} == {"7", "8", "9"}
+    # a one-item line keeps its item in train; test rows are never val
+    assert ("9", "4") not in val and ("7", "20", "test") in ev
+    assert sum(s == "train" for u, _, s in ev if u == "8") >= 1
+    plain = read_source(spark, "lightgcn", str(tmp_path))
+    assert {r.split for r in plain["events"].collect()} == {"train", "test"}
+
+
 @pytest.mark.parametrize(
     ("folder", "n_events", "n_purchase", "n_products"),
     [("movielens_1m", 5, 2, 4), ("movielens_25m", 4, 2, 4), ("movielens_100k", 6, 1, 3)],

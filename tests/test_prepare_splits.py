@@ -92,6 +92,45 @@ def test_predefined_val_from_train_only(spark):
     assert not other.sort_values("rid").split.reset_index(drop=True).equals(df.sort_values("rid").split.reset_index(drop=True))
 
 
+def test_predefined_keeps_given_val_rows(spark):
+    src = _events(spark, with_split=True).toPandas()
+    # the last train row of each user with at least 6 rows is given as val
+    last_train = src[src.split == "train"].groupby("user_id").rid.max()
+    big = src.groupby("user_id").size() >= 6
+    given = set(last_train[big[last_train.index]].values)
+    src.loc[src.rid.isin(given), "split"] = "val"
+    ev = spark.createDataFrame(src).withColumn("event", F.col("event").cast("byte"))
+    out, info = assign_splits(ev, DataConfig(split="predefined", val_fraction=0.0), True, POS)
+    got = out.toPandas().merge(src[["rid", "split"]], on="rid", suffixes=("", "_orig"))
+    assert info["method"] == "predefined" and len(got) == len(src)
+    assert (got.split == got.split_orig).all()  # val_fraction 0: exactly the given split
+    out, _ = assign_splits(ev, DataConfig(split="predefined", val_fraction=0.3, seed=5), True, POS)
+    got = out.toPandas().merge(src[["rid", "split"]], on="rid", suffixes=("", "_orig"))
+    assert (got[got.split_orig == "val"].split == "val").all() and (got[got.split_orig == "test"].split == "test").all()
+    assert (got[got.split_orig == "train"].split == "val").sum() > 0  # carved on top of the given rows
+
+
+def test_val_carve_last_takes_each_users_latest_positives(spark):
+    df, info = _run(spark, DataConfig(split="random", val_fraction=0.2, test_fraction=0.2, val_carve="last"))
+    assert info["val_carve"] == "last"
+    for _, g in df.groupby("user_id"):
+        g = g.sort_values("ts")
+        order = {"train": 0, "val": 1, "test": 2}
+        assert g.split.map(order).is_monotonic_increasing  # train, then val, then test, in time
+    assert (df.split == "val").sum() > 0 and (df.split == "test").sum() > 0
+    pre, _ = _run(spark, DataConfig(split="predefined", val_fraction=0.3, val_carve="last"), with_split=True)
+    for _, g in pre[pre.split != "test"].groupby("user_id"):
+        g = g.sort_values("ts")
+        assert g.split.map({"train": 0, "val": 1}).is_monotonic_increasing
+    # without timestamps there is no order: only a predefined split's given val rows
+    with pytest.raises(ValueError, match="val_carve=last"):
+        _run(spark, DataConfig(split="random", val_carve="last"), has_ts=False)
+    nots, info = _run(spark, DataConfig(split="predefined", val_fraction=0.3, val_carve="last"), with_split=True, has_ts=False)
+    assert set(nots.split) == {"train", "test"} and info["val_fraction"] == 0.0
+    with pytest.raises(ValueError, match="val_carve"):
+        _run(spark, DataConfig(split="random", val_carve="first"))
+
+
 def test_random_split_without_timestamps(spark):
     cfg = DataConfig(split="auto", val_fraction=0.2, test_fraction=0.2)
     df, info = _run(spark, cfg, has_ts=False)

@@ -95,3 +95,14 @@ def test_duplicate_key_in_catalog(spark):
     c = flagged["products"].counts()
     assert c == {"input": 3, "accepted": 2, "duplicates": 0, "rejected": {"duplicate_key": 1}}
     assert flagged["events"].counts()["accepted"] == 1
+
+
+def test_split_column_accepts_train_val_test_and_rejects_others(spark):
+    from data_pipelines.validation import flag_events
+
+    pdf = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u2"], "product_id": ["p1", "p2", "p1", "p3"],
+                        "split": ["train", " VAL ", "test", "holdout"]})
+    f = flag_events(_sdf(spark, pdf), with_ts=False)
+    assert f.counts()["rejected"] == {"bad_split": 1}
+    assert sorted(r["split"] for r in f.accepted().collect()) == ["test", "train", "val"]
+    assert [r["split"] for r in f.rejected().collect()] == ["holdout"]

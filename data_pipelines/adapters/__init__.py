@@ -56,8 +56,10 @@ def detect_source(path: str) -> str:
     )
 
 
-def read_source(spark, source: str, path: str) -> dict | None:
+def read_source(spark, source: str, path: str, val_last_fraction: float = 0.0, seed: int = 17) -> dict | None:
     """Read ``path`` with the adapter for ``source`` (``"auto"`` detects it).
+
+    ``val_last_fraction`` and ``seed`` reach the LightGCN adapter (the end of each train line as val).
 
     Returns:
         ``dict[str, DataFrame]`` of contract tables, or None for ``contract`` (the prepare job reads
@@ -74,7 +76,7 @@ def read_source(spark, source: str, path: str) -> dict | None:
     if source == "lightgcn":
         from data_pipelines.adapters.lightgcn import read_lightgcn
 
-        return read_lightgcn(spark, path)
+        return read_lightgcn(spark, path, val_last_fraction, seed)
     if source == "movielens":
         from data_pipelines.adapters.movielens import read_movielens
 

@@ -6,8 +6,12 @@ whitespace; a line may carry a user and no items. Read with Spark's text source 
 
 Output (raw contract):
 
-- ``events``: user_id, product_id (strings), event_type ``purchase``, split ``train`` | ``test``. No
-  timestamp: the data has none (the prepare job's predefined split uses ``split``).
+- ``events``: user_id, product_id (strings), event_type ``purchase``, split ``train`` | ``test``
+  (and ``val`` for the last ``val_fraction`` of each train line when asked). No timestamp: the data
+  has none (the prepare job's predefined split uses ``split``). The items of a line are in an order,
+  though: on Gowalla consecutive items are closer than random pairs of the line and the end of the
+  line is the closest to the user's test items (README), so the end of a line is the validation
+  set that resembles test.txt (``data.val_carve: last``).
 - ``users``: every user id on any line, including users without items.
 """
 
@@ -17,6 +21,8 @@ import os
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+
+from data_pipelines.splits import uniform
 
 SPLIT_FILES = {"train": "train.txt", "test": "test.txt"}
 
@@ -32,8 +38,13 @@ def _read_lines(spark, file: str, split: str) -> DataFrame:
     )
 
 
-def read_lightgcn(spark, path: str) -> dict[str, DataFrame]:
-    """Read ``train.txt`` (required) and ``test.txt`` (optional) under ``path``."""
+def read_lightgcn(spark, path: str, val_last_fraction: float = 0.0, seed: int = 17) -> dict[str, DataFrame]:
+    """Read ``train.txt`` (required) and ``test.txt`` (optional) under ``path``.
+
+    Args:
+        val_last_fraction: mark this fraction of the end of each train line as ``val`` (stochastic
+            rounding per user with ``seed``, as the split job's carve; at least one item stays train).
+    """
     lines = None
     for split, name in SPLIT_FILES.items():
         f = os.path.join(path, name)
@@ -43,11 +54,13 @@ def read_lightgcn(spark, path: str) -> dict[str, DataFrame]:
             continue
         df = _read_lines(spark, f, split)
         lines = df if lines is None else lines.unionByName(df)
-    events = lines.select(
-        "user_id",
-        F.explode("items").alias("product_id"),
-        F.lit("purchase").alias("event_type"),
-        "split",
-    )
+    n = F.size("items")
+    events = lines.select("user_id", "split", n.alias("_n"), F.posexplode("items").alias("_pos", "product_id"))
+    if val_last_fraction > 0:
+        n_val = F.floor(F.lit(float(val_last_fraction)) * F.col("_n") + uniform(seed, F.col("user_id"), F.lit("val")))
+        n_val = F.least(n_val, F.col("_n") - 1)
+        is_val = (F.col("split") == "train") & (F.col("_pos") >= F.col("_n") - n_val)
+        events = events.withColumn("split", F.when(is_val, F.lit("val")).otherwise(F.col("split")))
+    events = events.select("user_id", "product_id", F.lit("purchase").alias("event_type"), "split")
     users = lines.select("user_id").distinct()
     return {"events": events, "users": users}
