@@ -59,7 +59,7 @@ def uniform(seed: int, *cols: Column) -> Column:
     return F.pmod(F.xxhash64(F.lit(int(seed)), *cols), F.lit(_SCALE)).cast("double") / float(_SCALE)
 
 
-def _n_random(n: Column, fraction: float, u: Column) -> Column:
+def n_random(n: Column, fraction: float, u: Column) -> Column:
     """Stochastic rounding of ``fraction * n``: expected value exactly ``fraction * n``."""
     return F.floor(F.lit(float(fraction)) * n + u).cast("long")
 
@@ -177,9 +177,9 @@ def _carve(
     x = x.withColumn("_r", F.row_number().over(w_ord))
     x = x.withColumn("_n", F.sum(F.col("_cand").cast("long")).over(w_user))
     n = F.col("_n")
-    n_test = F.least(_n_random(n, test_fraction, uniform(cfg.seed, F.col("user_id"), F.lit("test"))), n - 1)
+    n_test = F.least(n_random(n, test_fraction, uniform(cfg.seed, F.col("user_id"), F.lit("test"))), n - 1)
     n_test = F.greatest(n_test, F.lit(0))
-    n_val = F.least(_n_random(n, cfg.val_fraction, uniform(cfg.seed, F.col("user_id"), F.lit("val"))), n - 1 - n_test)
+    n_val = F.least(n_random(n, cfg.val_fraction, uniform(cfg.seed, F.col("user_id"), F.lit("val"))), n - 1 - n_test)
     n_val = F.greatest(n_val, F.lit(0))
     split = (
         F.when(F.col("_cand") & (F.col("_r") <= n_test), F.lit("test"))

@@ -22,7 +22,7 @@ import os
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from data_pipelines.splits import uniform
+from data_pipelines.splits import n_random, uniform
 
 SPLIT_FILES = {"train": "train.txt", "test": "test.txt"}
 
@@ -54,11 +54,10 @@ def read_lightgcn(spark, path: str, val_last_fraction: float = 0.0, seed: int = 
             continue
         df = _read_lines(spark, f, split)
         lines = df if lines is None else lines.unionByName(df)
-    n = F.size("items")
-    events = lines.select("user_id", "split", n.alias("_n"), F.posexplode("items").alias("_pos", "product_id"))
+    events = lines.select("user_id", "split", F.size("items").alias("_n"), F.posexplode("items").alias("_pos", "product_id"))
     if val_last_fraction > 0:
-        n_val = F.floor(F.lit(float(val_last_fraction)) * F.col("_n") + uniform(seed, F.col("user_id"), F.lit("val")))
-        n_val = F.least(n_val, F.col("_n") - 1)
+        # the split job's stochastic rounding, so a line yields as many val rows as its carve would
+        n_val = F.least(n_random(F.col("_n"), val_last_fraction, uniform(seed, F.col("user_id"), F.lit("val"))), F.col("_n") - 1)
         is_val = (F.col("split") == "train") & (F.col("_pos") >= F.col("_n") - n_val)
         events = events.withColumn("split", F.when(is_val, F.lit("val")).otherwise(F.col("split")))
     events = events.select("user_id", "product_id", F.lit("purchase").alias("event_type"), "split")
