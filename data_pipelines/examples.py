@@ -90,16 +90,22 @@ class ExampleSpec:
         max_history: the longest history.
         positive_codes: event codes that make an example.
         weights: the example weight of each event code (index = code).
+        has_clock: whether the timestamps are times (hour and day-of-week context) rather than
+            only an order (``data.timestamps`` = order: the context is unknown, -1).
     """
 
     has_ts: bool
     max_history: int
     positive_codes: tuple[int, ...]
     weights: tuple[float, ...]
+    has_clock: bool = True
 
     @classmethod
     def from_config(cls, cfg: DataConfig, has_ts: bool, event_codes: dict[str, int]) -> ExampleSpec:
-        return cls(bool(has_ts), int(cfg.max_history), positive_codes(cfg, event_codes), weights_by_code(cfg, event_codes))
+        return cls(
+            bool(has_ts), int(cfg.max_history), positive_codes(cfg, event_codes), weights_by_code(cfg, event_codes),
+            bool(has_ts) and cfg.timestamps == "time",
+        )
 
 
 def slice_index(
@@ -177,7 +183,7 @@ def examples_from_events(e: UserEvents, spec: ExampleSpec) -> list[pa.RecordBatc
         n_before = np.clip(np.minimum(p - own, H - n_after), 0, None)
         offsets, idx = slice_index(lo + p, n_after, lo, n_before)
     ts = e.ts[ex]
-    if spec.has_ts:
+    if spec.has_ts and spec.has_clock:
         hour, dow = (ts // 3600) % 24, (ts // 86400 + 3) % 7  # 1970-01-01 was a Thursday
     else:
         hour = dow = np.full(len(ex), -1)

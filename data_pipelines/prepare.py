@@ -257,11 +257,13 @@ def _prepare_tables(
         offers = keep(feat_mod.offers_from_events(ev))
         feat_offers = keep(feat_mod.offers_from_events(train_ev))
         offers_source = "derived from events (product, seller) pairs"
+    # order-only timestamps (data.timestamps=order) are no clock: no windows or ages from them
+    clock_cutoff = cutoff if cfg.timestamps == "time" else None
     pfeat, pinfo = feat_mod.product_features(
-        vocabs, acc.get("products"), feat_offers, train_ev, cfg, cutoff, codes
+        vocabs, acc.get("products"), feat_offers, train_ev, cfg, clock_cutoff, codes
     )
     persisted.extend(pinfo.pop("persisted"))
-    sfeat, sinfo = feat_mod.seller_features(vocabs, acc.get("sellers"), feat_offers, train_ev, cutoff, codes)
+    sfeat, sinfo = feat_mod.seller_features(vocabs, acc.get("sellers"), feat_offers, train_ev, clock_cutoff, codes)
     persisted.extend(sinfo.pop("persisted"))
     train_pos = pos_all.where(
         (F.col("split") == "train") & (F.col("user_idx") > 0) & (F.col("product_idx") > 0)
@@ -272,6 +274,8 @@ def _prepare_tables(
     notes = []
     if not has_ts:
         notes.append("no timestamps: temporal splits and temporal features (popularity windows, age, hour/dow) unavailable")
+    elif cfg.timestamps == "order":
+        notes.append("order-only timestamps (data.timestamps=order): no temporal split, popularity windows, ages or hour/dow")
     info = {
         "has_timestamps": has_ts,
         "validation": validation,
@@ -286,7 +290,7 @@ def _prepare_tables(
             "seller_features": sinfo["features"],
             "seller_scales": sinfo["scales"],
             "seller_mean_rating": sinfo["mean_rating"],
-            "train_cutoff": cutoff,
+            "train_cutoff": clock_cutoff,
             "computed_from": "train split events only",
         },
         "timings_s": timings,

@@ -20,7 +20,9 @@ Validation is always carved from what would otherwise be training data, never fr
   then row hash) instead of random ones: for sequential data whose test follows the training
   events. Without timestamps there is no order here, so only rows the source gives as val are
   val (the LightGCN adapter marks the end of each ``train.txt`` line: it is ordered).
-- ``auto``: predefined when a split column exists, else temporal with timestamps, else random.
+- ``auto``: predefined when a split column exists, else temporal with timestamps (leave_last_out
+  when ``data.timestamps`` = order: they order each user's events but are not a shared clock),
+  else random.
 
 All randomness is a hash of (seed, row content), so reruns give the same assignment.
 """
@@ -41,14 +43,24 @@ METHODS = ("auto", "temporal", "leave_last_out", "predefined", "random")
 _SCALE = 1 << 30
 
 
-def resolve_method(requested: str, has_split_column: bool, has_ts: bool) -> str:
-    """The concrete split method; raises ValueError when the data cannot support ``requested``."""
+def resolve_method(requested: str, has_split_column: bool, has_ts: bool, has_clock: bool = True) -> str:
+    """The concrete split method; raises ValueError when the data cannot support ``requested``.
+
+    ``has_clock``: the timestamps are times (``data.timestamps`` = time), not only an order.
+    """
     if requested not in METHODS:
         raise ValueError(f"data.split: unknown method '{requested}' (valid: {', '.join(METHODS)})")
     if requested == "auto":
-        return "predefined" if has_split_column else ("temporal" if has_ts else "random")
+        if has_split_column:
+            return "predefined"
+        return ("temporal" if has_clock else "leave_last_out") if has_ts else "random"
     if requested in ("temporal", "leave_last_out") and not has_ts:
         raise ValueError(f"data.split={requested} needs event timestamps, and these events have none")
+    if requested == "temporal" and not has_clock:
+        raise ValueError(
+            "data.split=temporal cuts all users at shared times, and data.timestamps=order says the timestamps "
+            "only order each user's events: use leave_last_out, predefined or random"
+        )
     if requested == "predefined" and not has_split_column:
         raise ValueError("data.split=predefined needs a 'split' column (train|val|test) in the events")
     return requested
@@ -213,7 +225,9 @@ def assign_splits(
         ``(events with split, info)``; ``info`` has method, requested, cutoffs and has_timestamps.
     """
     has_split = "split" in ev.columns
-    method = resolve_method(cfg.split, has_split, has_ts)
+    if cfg.timestamps not in ("time", "order"):
+        raise ValueError(f"data.timestamps must be 'time' or 'order', got {cfg.timestamps!r}")
+    method = resolve_method(cfg.split, has_split, has_ts, cfg.timestamps == "time")
     if cfg.val_carve not in ("random", "last"):
         raise ValueError(f"data.val_carve must be 'random' or 'last', got {cfg.val_carve!r}")
     if cfg.val_carve == "last" and not has_ts:
@@ -228,6 +242,7 @@ def assign_splits(
         "test_fraction": cfg.test_fraction,
         "seed": cfg.seed,
         "val_carve": cfg.val_carve,
+        "timestamps": cfg.timestamps if has_ts else None,
     }
     if method == "temporal":
         out, cut = temporal(ev, cfg, positive_codes, cutoff_events)

@@ -58,6 +58,11 @@ class DataConfig:
     # random, to test): "random" (seeded), or "last" (the latest by timestamp; without timestamps
     # only what the source orders: the LightGCN adapter gives the end of each train line).
     val_carve: str = "random"
+    # What the event timestamps are: "time" (a clock: temporal splits, hour/day-of-week context,
+    # popularity windows, ages) or "order" (only the order of each user's events: histories,
+    # leave-last-out and val_carve=last use it, nothing reads it as time). The LightGCN adapter
+    # gives each line's position as an order timestamp when this is "order".
+    timestamps: str = "time"
     min_user_count: int = 1
     min_product_count: int = 1
     min_seller_count: int = 1
@@ -72,7 +77,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 64
-    history_pooling: str = "mean"  # mean | attention
+    history_pooling: str = "mean"  # mean | recency | attention
     use_user_id: bool = True
     # The history encoder reads its own product / seller tables instead of the candidate towers' id
     # tables (asymmetric item-item, as in FISM): the score is <W mean(q_history), p_candidate>.

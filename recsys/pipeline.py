@@ -80,8 +80,10 @@ def _prepare(ctx: FitContext) -> dict[str, Any]:
     tables = None
     if ctx.source not in ("contract", "synthetic"):
         d = ctx.cfg.data
+        order = d.timestamps == "order"  # line positions as timestamps: the split job carves the last
         tables = read_source(get_spark(d.spark), ctx.source, str(ctx.data_dir),
-                             val_last_fraction=d.val_fraction if d.val_carve == "last" else 0.0, seed=d.seed)
+                             val_last_fraction=d.val_fraction if d.val_carve == "last" and not order else 0.0,
+                             seed=d.seed, line_order=order)
     m = prepare.run(ctx.cfg, str(ctx.data_dir), str(ctx.prepared), tables=tables, progress=say)
     return {k: m.get(k) for k in ("row_counts", "rejected", "split", "n_users", "n_products", "n_sellers")}
 

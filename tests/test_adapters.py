@@ -134,6 +134,21 @@ def test_lightgcn_marks_the_end_of_each_train_line_as_val(spark, tmp_path):
     assert {r.split for r in plain["events"].collect()} == {"train", "test"}
 
 
+def test_lightgcn_line_order_gives_positions_as_timestamps(spark, tmp_path):
+    """line_order: train items get their line position (from 1); test items follow the user's train items."""
+    (tmp_path / "train.txt").write_text("7 30 31 32\n8 5\n")
+    (tmp_path / "test.txt").write_text("7 40 41\n9 6\n")
+    t = read_source(spark, "lightgcn", str(tmp_path), line_order=True)
+    _check_contract(t)
+    got = sorted((r.user_id, r.product_id, r.split, r.timestamp) for r in t["events"].collect())
+    assert got == [
+        ("7", "30", "train", 1), ("7", "31", "train", 2), ("7", "32", "train", 3),
+        ("7", "40", "test", 4), ("7", "41", "test", 5),
+        ("8", "5", "train", 1),
+        ("9", "6", "test", 1),
+    ]
+
+
 @pytest.mark.parametrize(
     ("folder", "n_events", "n_purchase", "n_products"),
     [("movielens_1m", 5, 2, 4), ("movielens_25m", 4, 2, 4), ("movielens_100k", 6, 1, 3)],
@@ -203,3 +218,35 @@ def test_olist_real_catalog_files(spark, shared_datasets, tmp_path):
     )
     assert (stats.n, stats.categories, stats.no_category, stats.first) == (32_951, 73, 610, "perfumery")
     assert t["sellers"].where(F.col("region").isNotNull()).count() == 3_095
+
+
+def test_lightgcn_in_line_order_prepares_line_ordered_histories(spark, tmp_path):
+    """data.timestamps=order: val is the end of each line, histories are line prefixes in order,
+    the test query sees the whole line, and nothing reads the positions as a clock."""
+    import pyarrow.dataset as ds
+
+    from data_pipelines import prepare
+    from recsys.config import Config, DataConfig
+
+    lines = [f"{u} " + " ".join(str(u * 100 + i) for i in range(10)) for u in range(1, 4)]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.txt").write_text("1 199\n2 299\n")
+    cfg = Config(data=DataConfig(split="predefined", val_fraction=0.2, val_carve="last", timestamps="order", max_history=20))
+    tables = read_source(spark, "lightgcn", str(tmp_path), line_order=True)
+    m = prepare.run(cfg, "adapter:lightgcn", str(tmp_path / "prepared"), tables=tables)
+    assert m["split"]["timestamps"] == "order" and m["split"]["method"] == "predefined"
+    vocab = {r["index"]: r["id"] for r in ds.dataset(str(tmp_path / "prepared/vocab/products.parquet")).to_table().to_pylist()}
+
+    def rows(split):
+        t = ds.dataset(str(tmp_path / "prepared/examples" / split), format="parquet").to_table().to_pylist()
+        return [{**r, "p": vocab[r["product_idx"]], "h": [vocab[i] for i in r["hist_products"]]} for r in t]
+
+    val, train, test = rows("val"), rows("train"), rows("test")
+    assert sorted(r["p"] for r in val) == ["108", "109", "208", "209", "308", "309"]  # 0.2 of 10: the last two
+    for r in train:  # each train item's history is the items before it in its line, oldest first
+        u, i = divmod(int(r["p"]), 100)
+        assert r["h"] == [str(u * 100 + j) for j in range(i)]
+        assert (r["hour"], r["dow"]) == (-1, -1)
+    assert {r["p"]: r["h"] for r in test} == {"199": [str(100 + j) for j in range(10)], "299": [str(200 + j) for j in range(10)]}
+    feats = ds.dataset(str(tmp_path / "prepared/features/products.parquet")).to_table().to_pylist()
+    assert all(f.get("log_pop_7d", 0.0) == 0.0 for f in feats)  # no popularity windows from positions

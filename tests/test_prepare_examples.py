@@ -123,6 +123,17 @@ def test_history_of_an_example_never_sees_its_own_time_or_later() -> None:
     assert {r["product_idx"]: r["hist_products"] for r in got} == {11: [10], 12: [10], 13: [10, 11, 12]}
 
 
+def test_order_only_timestamps_give_no_clock_context() -> None:
+    """data.timestamps=order: the same histories as with times, but hour and day of week unknown (-1)."""
+    users = [{"user_idx": 1, "p": [10, 11, 12], "s": [1, 1, 2], "t": [2, 2, 2], "v": [0, 0, 2],
+              "ts": [90000, 90001, 90002], "r": [1, 2, 3], "k": [0.0] * 3}]
+    e = UserEvents.from_table(_table(users, True), True)
+    timed = [r for b in examples_from_events(e, ExampleSpec(True, 5, (2,), WEIGHTS)) for r in b.to_pylist()]
+    ordered = [r for b in examples_from_events(e, ExampleSpec(True, 5, (2,), WEIGHTS, has_clock=False)) for r in b.to_pylist()]
+    assert [r["hist_products"] for r in ordered] == [r["hist_products"] for r in timed] == [[], [10], [10, 11]]
+    assert {(r["hour"], r["dow"]) for r in timed} == {(1, 4)} and {(r["hour"], r["dow"]) for r in ordered} == {(-1, -1)}
+
+
 def test_no_positive_events_give_no_batches() -> None:
     users = [{"user_idx": 1, "p": [3], "s": [0], "t": [0], "v": [0], "ts": [0], "r": [1], "k": [0.5]}]
     assert examples_from_events(UserEvents.from_table(_table(users, True), True), ExampleSpec(True, H, (2,), WEIGHTS)) == []

@@ -37,6 +37,10 @@ def test_resolve_method():
     assert resolve_method("auto", True, True) == "predefined"
     assert resolve_method("auto", False, True) == "temporal"
     assert resolve_method("auto", False, False) == "random"
+    # order-only timestamps: no shared clock to cut at, so auto orders each user's events instead
+    assert resolve_method("auto", False, True, has_clock=False) == "leave_last_out"
+    with pytest.raises(ValueError, match="data.timestamps=order"):
+        resolve_method("temporal", False, True, has_clock=False)
     with pytest.raises(ValueError, match="timestamps"):
         resolve_method("temporal", False, False)
     with pytest.raises(ValueError, match="split"):

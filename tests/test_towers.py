@@ -220,3 +220,37 @@ def test_embedding_l2_penalises_only_the_rows_a_batch_touches() -> None:
     lit.embedding_penalty(batch, neg).backward()
     g = m.products.id_emb.weight.grad.coalesce()  # sparse: only the touched rows get a gradient
     assert set(g.indices()[0].tolist()) == set(rows.tolist())
+
+
+def test_recency_positions_count_back_from_the_last_kept_entry() -> None:
+    """Holes left by history dropout still count as positions; empty rows are all 0."""
+    from towers.history_encoder import recency_positions
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert recency_positions(mask, 511).tolist() == [[2, 1, 0, 0, 0], [3, 2, 1, 0, 0], [0, 0, 0, 0, 0]]
+    assert recency_positions(mask, 1).tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]
+
+
+def test_recency_pooling_starts_as_the_mean_and_can_keep_only_the_latest_item() -> None:
+    kw = dict(n_users=5, n_products=20, n_sellers=4, n_categories=1, n_brands=1, n_product_features=0,
+              n_seller_features=0, dim=8, use_user_id=False, dropout=0.0)
+    b = {"user_idx": torch.tensor([1, 2]), "hist_products": torch.tensor([[1, 2, 0], [5, 6, 7]]),
+         "hist_sellers": torch.tensor([[1, 0, 0], [2, 2, 3]])}
+    torch.manual_seed(0)
+    mean = TwoTowerModel(TowerShape(**kw)).eval()
+    rec = TwoTowerModel(TowerShape(**kw, history_pooling="recency")).eval()
+    rec.load_state_dict(mean.state_dict(), strict=False)
+    with torch.no_grad():
+        assert torch.allclose(rec.user_vectors(b), mean.user_vectors(b), atol=1e-6)
+        rec.users.history.log_recency[1:] = -60.0  # only the latest item counts
+        latest = {"user_idx": b["user_idx"], "hist_products": torch.tensor([[2], [7]]), "hist_sellers": torch.tensor([[0], [3]])}
+        assert torch.allclose(rec.user_vectors(b), mean.user_vectors(latest), atol=1e-5)
+        # the dense path (HistoryEncoder.forward over [B, L, d]) pools the same way as the embedding_bag path
+        items = rec.products.id_emb(b["hist_products"])
+        dense = rec.users.history(items, b["hist_products"] > 0)
+        assert torch.allclose(dense, items[[0, 1], [1, 2]], atol=1e-5)
+    rec.train()
+    rec.users.history.log_recency.data.zero_()
+    (rec.user_vectors(b) * rec.product_vectors(torch.tensor([3, 4]))).sum().backward()
+    g = rec.users.history.log_recency.grad
+    assert g is not None and g[:3].abs().sum() > 0 and g[3:].abs().sum() == 0

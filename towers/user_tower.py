@@ -55,10 +55,12 @@ class UserTower(nn.Module):
         """
         mask = hist_products > 0
         use_sellers = self.seller_ids is not None and hist_sellers is not None
-        if self.history.pooling == "mean":
-            pooled = ragged_mean(self.product_ids, hist_products, mask)
+        if self.history.pooling in ("mean", "recency"):
+            w = self.history.recency_weights(mask) if self.history.pooling == "recency" else None
+            pooled = ragged_mean(self.product_ids, hist_products, mask, weights=w)
             if use_sellers:
-                pooled = pooled + 0.5 * ragged_mean(self.seller_ids, hist_sellers, mask & (hist_sellers > 0), mask.sum(1))
+                denom = mask.sum(1) if w is None else w.sum(1)
+                pooled = pooled + 0.5 * ragged_mean(self.seller_ids, hist_sellers, mask & (hist_sellers > 0), denom, w)
         else:
             items = self.product_ids(hist_products)
             if use_sellers:

@@ -56,10 +56,13 @@ def detect_source(path: str) -> str:
     )
 
 
-def read_source(spark, source: str, path: str, val_last_fraction: float = 0.0, seed: int = 17) -> dict | None:
+def read_source(
+    spark, source: str, path: str, val_last_fraction: float = 0.0, seed: int = 17, line_order: bool = False
+) -> dict | None:
     """Read ``path`` with the adapter for ``source`` (``"auto"`` detects it).
 
-    ``val_last_fraction`` and ``seed`` reach the LightGCN adapter (the end of each train line as val).
+    ``val_last_fraction``, ``seed`` and ``line_order`` reach the LightGCN adapter (the end of each
+    train line as val; line positions as order timestamps).
 
     Returns:
         ``dict[str, DataFrame]`` of contract tables, or None for ``contract`` (the prepare job reads
@@ -76,7 +79,7 @@ def read_source(spark, source: str, path: str, val_last_fraction: float = 0.0, s
     if source == "lightgcn":
         from data_pipelines.adapters.lightgcn import read_lightgcn
 
-        return read_lightgcn(spark, path, val_last_fraction, seed)
+        return read_lightgcn(spark, path, val_last_fraction, seed, line_order)
     if source == "movielens":
         from data_pipelines.adapters.movielens import read_movielens
 
