@@ -2,7 +2,7 @@
 
 Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``)::
 
-    POST /v1/retrieve/products            {user_id?, recent_product_ids?, k, filters?}
+    POST /v1/retrieve/products            {user_id?, recent_product_ids? (oldest first), k, filters?}
     POST /v1/retrieve/products:batch      {user_ids[<= serve.max_batch_users], k, filters?}
     POST /v1/retrieve/sellers             {user_id?, recent_product_ids?, k}
     GET|POST /v1/products/{product_id}/sellers   (?user_id=&k= | {user_id?, k})

@@ -254,3 +254,25 @@ def test_recency_pooling_starts_as_the_mean_and_can_keep_only_the_latest_item() 
     (rec.user_vectors(b) * rec.product_vectors(torch.tensor([3, 4]))).sum().backward()
     g = rec.users.history.log_recency.grad
     assert g is not None and g[:3].abs().sum() > 0 and g[3:].abs().sum() == 0
+
+
+def test_recency_pooling_learns_that_only_the_latest_item_predicts_the_next() -> None:
+    """Planted order: the target is the successor of the history's LAST item; earlier items are noise."""
+    torch.manual_seed(0)
+    n, L, B = 40, 6, 128
+    shape = TowerShape(n_users=2, n_products=n + 1, n_sellers=1, n_categories=1, n_brands=1, n_product_features=0,
+                       n_seller_features=0, dim=16, use_user_id=False, dropout=0.0, sparse=False,
+                       history_pooling="recency")
+    m = TwoTowerModel(shape)
+    opt = torch.optim.Adam(m.parameters(), lr=0.03)
+    for _ in range(150):
+        hist = torch.randint(1, n + 1, (B, L))
+        target = hist[:, -1] % n + 1
+        u = m.user_vectors({"user_idx": torch.zeros(B, dtype=torch.long), "hist_products": hist})
+        logits = u @ m.product_vectors(torch.arange(n + 1)).T / 0.1
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w = m.users.history.log_recency.detach().exp()
+    assert w[0] > 5 * w[1:L].max()  # the latest item dominates the pooled history
