@@ -75,10 +75,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from data_pipelines import prepare
+    from recsys.pipeline import prepare_data, resolve_source
 
-    cfg = _cfg(args)
-    manifest = prepare.run(cfg, args.data, args.out, progress=lambda m: print(m, file=sys.stderr))
+    cfg, source, data_dir = resolve_source(_cfg(args), args.data)
+    assert data_dir is not None
+    manifest = prepare_data(cfg, source, data_dir, Path(args.out), progress=lambda m: print(m, file=sys.stderr))
     _print({k: manifest.get(k) for k in ("row_counts", "rejected", "split", "n_users", "n_products", "n_sellers")})
     return 0
 

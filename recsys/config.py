@@ -90,6 +90,11 @@ class ModelConfig:
     learn_temperature: bool = False
     dropout: float = 0.1
     history_dropout: float = 0.2
+    # Training only: hide the latest floor(u * history_horizon * n) of a history's n items (u uniform
+    # in [0, 1], at least one item kept), so the target lies up to that many steps ahead of what the
+    # user tower sees. 0 = next-item examples. For data whose held-out items lie further ahead than
+    # the next step (towers/history_horizon.py).
+    history_horizon: float = 0.0
     sparse_embeddings: bool = True
     use_features: bool = True
     hidden: int = 128

@@ -71,20 +71,36 @@ def _generate(ctx: FitContext) -> dict[str, Any]:
     return summary
 
 
-def _prepare(ctx: FitContext) -> dict[str, Any]:
+def prepare_data(cfg: Config, source: str, data_dir: Path, out: Path, progress=say) -> dict[str, Any]:
+    """Run the data pipeline on a contract directory or a known source layout (adapter).
+
+    Args:
+        cfg: resolved configuration (``resolve_source`` has set its data source).
+        source: ``contract`` / ``synthetic`` or an adapter name (``lightgcn``, ``olist``, ...).
+        data_dir: the raw data directory.
+        out: prepared artifact directory to write.
+        progress: callback for progress lines.
+
+    Returns:
+        The prepared artifact's manifest.
+    """
     from data_pipelines import prepare
     from data_pipelines.adapters import read_source
     from data_pipelines.spark_session import get_spark
 
-    assert ctx.data_dir is not None
     tables = None
-    if ctx.source not in ("contract", "synthetic"):
-        d = ctx.cfg.data
+    if source not in ("contract", "synthetic"):
+        d = cfg.data
         order = d.timestamps == "order"  # line positions as timestamps: the split job carves the last
-        tables = read_source(get_spark(d.spark), ctx.source, str(ctx.data_dir),
+        tables = read_source(get_spark(d.spark), source, str(data_dir),
                              val_last_fraction=d.val_fraction if d.val_carve == "last" and not order else 0.0,
                              seed=d.seed, line_order=order)
-    m = prepare.run(ctx.cfg, str(ctx.data_dir), str(ctx.prepared), tables=tables, progress=say)
+    return prepare.run(cfg, str(data_dir), str(out), tables=tables, progress=progress)
+
+
+def _prepare(ctx: FitContext) -> dict[str, Any]:
+    assert ctx.data_dir is not None
+    m = prepare_data(ctx.cfg, ctx.source, ctx.data_dir, ctx.prepared)
     return {k: m.get(k) for k in ("row_counts", "rejected", "split", "n_users", "n_products", "n_sellers")}
 
 

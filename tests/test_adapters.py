@@ -250,3 +250,17 @@ def test_lightgcn_in_line_order_prepares_line_ordered_histories(spark, tmp_path)
     assert {r["p"]: r["h"] for r in test} == {"199": [str(100 + j) for j in range(10)], "299": [str(200 + j) for j in range(10)]}
     feats = ds.dataset(str(tmp_path / "prepared/features/products.parquet")).to_table().to_pylist()
     assert all(f.get("log_pop_7d", 0.0) == 0.0 for f in feats)  # no popularity windows from positions
+
+
+def test_recsys_prepare_reads_a_known_source_layout(spark, tmp_path, capsys):
+    """`recsys prepare --data DIR` takes the same adapters as `recsys fit` (not only contract tables)."""
+    import json
+
+    from recsys.cli import main
+
+    out = tmp_path / "prepared"
+    rc = main(["prepare", "--data", str(FIX / "lightgcn"), "--out", str(out), "--set", "data.split=predefined"])
+    assert rc == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["split"]["method"] == "predefined"
+    assert m["n_users"] > 1 and m["n_products"] > 1

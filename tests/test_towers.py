@@ -276,3 +276,44 @@ def test_recency_pooling_learns_that_only_the_latest_item_predicts_the_next() ->
         opt.step()
     w = m.users.history.log_recency.detach().exp()
     assert w[0] > 5 * w[1:L].max()  # the latest item dominates the pooled history
+
+
+def test_hide_latest_keeps_a_prefix_of_each_history() -> None:
+    from towers.history_horizon import hide_latest
+
+    hist = torch.tensor([[5, 6, 7, 8, 9, 0], [3, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    assert torch.equal(hide_latest(hist, 0.0), hist > 0)
+    seen = set()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        keep = hide_latest(hist, 0.5, g)
+        n0 = int(keep[0].sum())
+        assert torch.equal(keep[0, :n0], torch.ones(n0, dtype=torch.bool)) and not keep[0, n0:].any()  # a prefix
+        seen.add(n0)
+        assert keep[1].tolist() == [True] + [False] * 5  # one item: always kept
+        assert not keep[2].any()  # padding stays padding
+    assert seen == {3, 4, 5}  # floor(u * 0.5 * 5) hides 0, 1 or 2 of 5
+    with pytest.raises(ValueError, match="history_horizon"):
+        hide_latest(hist, 1.0)
+
+
+def test_history_horizon_hides_the_same_latest_slots_of_products_and_sellers() -> None:
+    from recsys.config import Config, to_dict
+    from towers.lit_module import TwoTowerLightning
+
+    shape = TowerShape(n_users=10, n_products=30, n_sellers=9, n_categories=1, n_brands=1, n_product_features=0,
+                       n_seller_features=0, dim=8)
+    hist = torch.tensor([[4, 5, 6, 7, 8, 9, 10, 11], [3, 2, 0, 0, 0, 0, 0, 0]])
+    batch = {"user_idx": torch.tensor([1, 2]), "hist_products": hist, "hist_sellers": (hist % 8) + 1}
+    lit = TwoTowerLightning(shape.to_dict(), to_dict(Config().train), {"history_horizon": 0.75})
+    lengths = set()
+    for _ in range(100):
+        b = lit._augment(batch)
+        kept = b["hist_products"] > 0
+        assert torch.equal(kept, b["hist_sellers"] > 0)
+        assert torch.equal(b["hist_products"][kept], hist[kept])  # only hidden, never moved
+        n = kept.sum(1)
+        assert torch.equal(kept[0], torch.arange(8) < n[0])  # a prefix: the latest are hidden
+        lengths.add(int(n[0]))
+        assert 1 <= int(n[1]) <= 2
+    assert lengths == {3, 4, 5, 6, 7, 8}  # floor(u * 0.75 * 8), u in [0, 1), hides 0..5 of 8

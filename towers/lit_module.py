@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from towers.full_ranking import topk_excluding
+from towers.history_horizon import hide_latest
 from towers.losses import log_expected_count, sampled_softmax_loss, uniform_negatives
 from towers.metrics import hits_matrix, ranking_metrics
 from towers.shapes import TowerShape
@@ -25,7 +26,7 @@ class TwoTowerLightning(pl.LightningModule):
     Args:
         shape: tower sizes (dict form of :class:`TowerShape`, so checkpoints store it).
         train: the resolved ``train`` config section as a dict.
-        model_extra: ``history_dropout`` and other model-section values used in training only.
+        model_extra: ``history_dropout``, ``history_horizon`` and other model-section values used in training only.
         val_ks: cut-offs reported during validation; ``train["val_k"]`` is the monitored one.
     """
 
@@ -39,6 +40,7 @@ class TwoTowerLightning(pl.LightningModule):
         self.register_buffer("product_logq", torch.full((self.tshape.n_products,), -math.log(max(self.tshape.n_products, 1))))
         self.register_buffer("seller_logq", torch.full((self.tshape.n_sellers,), -math.log(max(self.tshape.n_sellers, 1))))
         self.history_dropout = float(model_extra.get("history_dropout", 0.0))
+        self.history_horizon = float(model_extra.get("history_horizon", 0.0))
         self.val_ks = tuple(sorted(set(val_ks) | {int(train["val_k"])}))
         self.val_queries = None  # EvalQueries, set by the data module
         self._gen = torch.Generator().manual_seed(int(train["seed"]))
@@ -63,6 +65,11 @@ class TwoTowerLightning(pl.LightningModule):
         if p > 0:
             drop = torch.rand(b["user_idx"].shape, device=self.device) < p
             b["user_idx"] = b["user_idx"].masked_fill(drop, 0)
+        if self.history_horizon > 0:
+            keep = hide_latest(b["hist_products"], self.history_horizon, self._gen)
+            b["hist_products"] = b["hist_products"].masked_fill(~keep, 0)
+            if "hist_sellers" in b:
+                b["hist_sellers"] = b["hist_sellers"].masked_fill(~keep, 0)
         if self.history_dropout > 0:
             drop = torch.rand(b["hist_products"].shape, device=self.device) < self.history_dropout
             b["hist_products"] = b["hist_products"].masked_fill(drop, 0)

@@ -96,7 +96,7 @@ def run(
     catalog = load_catalog(prepared)
     shape = tower_shape(cfg, catalog)
     tcfg = to_dict(cfg.train)
-    lit = TwoTowerLightning(shape.to_dict(), tcfg, {"history_dropout": cfg.model.history_dropout}, cfg.eval.ks[:3])
+    lit = TwoTowerLightning(shape.to_dict(), tcfg, {"history_dropout": cfg.model.history_dropout, "history_horizon": cfg.model.history_horizon}, cfg.eval.ks[:3])
     lit.set_catalog(catalog)
     if shape.item_neighbors > 0:
         # from the splits this model trains on: held-out interactions must not shape the neighbours
