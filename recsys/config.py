@@ -77,7 +77,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 64
-    history_pooling: str = "mean"  # mean | recency | attention
+    history_pooling: str = "mean"  # mean | recency | short_long | attention
     use_user_id: bool = True
     # The history encoder reads its own product / seller tables instead of the candidate towers' id
     # tables (asymmetric item-item, as in FISM): the score is <W mean(q_history), p_candidate>.

@@ -278,6 +278,32 @@ def test_recency_pooling_learns_that_only_the_latest_item_predicts_the_next() ->
     assert w[0] > 5 * w[1:L].max()  # the latest item dominates the pooled history
 
 
+def test_short_long_pooling_mixes_a_long_and_a_short_profile() -> None:
+    """Two profiles pooled side by side; the projection starts as their average."""
+    kw = dict(n_users=5, n_products=20, n_sellers=4, n_categories=1, n_brands=1, n_product_features=0,
+              n_seller_features=0, dim=8, use_user_id=False, dropout=0.0)
+    b = (torch.tensor([1, 2]), torch.tensor([[1, 2, 0], [5, 6, 7]]), torch.tensor([[1, 0, 0], [2, 2, 3]]))
+    latest = (b[0], torch.tensor([[2], [7]]), torch.tensor([[0], [3]]))
+    torch.manual_seed(0)
+    mean = TwoTowerModel(TowerShape(**kw)).eval()
+    sl = TwoTowerModel(TowerShape(**kw, history_pooling="short_long")).eval()
+    sl.load_state_dict({k: v for k, v in mean.state_dict().items() if "hist_proj" not in k}, strict=False)
+    h = sl.users.history
+    assert h.log_recency.shape == (2, 512) and h.log_recency[0].abs().sum() == 0  # profile 0 starts as the mean
+    assert h.log_recency[1, 0] > h.log_recency[1, 1] > h.log_recency[1, 2]  # profile 1 starts steep
+    with torch.no_grad():
+        h.log_recency[1, 1:] = -60.0  # the short profile keeps only the latest item
+        assert torch.allclose(sl.users(*b), 0.5 * (mean.users(*b) + mean.users(*latest)), atol=1e-5)
+        items = sl.products.id_emb(b[1])
+        dense = h(items, b[1] > 0)  # the dense path returns both pooled vectors side by side
+        assert dense.shape == (2, 16)
+        assert torch.allclose(dense[:, 8:], items[[0, 1], [1, 2]], atol=1e-5)
+        assert torch.allclose(dense[:, :8], (items * (b[1] > 0).unsqueeze(-1)).sum(1) / torch.tensor([[2.0], [3.0]]), atol=1e-5)
+    sl.train()
+    (sl.user_vectors({"user_idx": b[0], "hist_products": b[1]}) * sl.product_vectors(torch.tensor([3, 4]))).sum().backward()
+    assert h.log_recency.grad[0, :3].abs().sum() > 0 and h.log_recency.grad[:, 3:].abs().sum() == 0
+
+
 def test_hide_latest_keeps_a_prefix_of_each_history() -> None:
     from towers.history_horizon import hide_latest
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from towers.embeddings import masked_mean
 
-POOLINGS = ("mean", "recency", "attention")
+POOLINGS = ("mean", "recency", "short_long", "attention")
 
 
 def recency_positions(mask: torch.Tensor, max_pos: int) -> torch.Tensor:
@@ -28,6 +28,9 @@ class HistoryEncoder(nn.Module):
 
     ``mean``: masked mean. ``recency``: a mean weighted by a learned weight per recency position
     (0 = the latest item; starts equal, so it starts as the mean and learns how fast the past fades).
+    ``short_long``: two recency profiles, one starting as the mean (long-term interest) and one as a
+    steep decay over the latest items (short-term); the user tower concatenates both pooled vectors,
+    so each output dimension can mix the two horizons differently.
     ``attention``: a learned query attends over the items (plus a recency position embedding),
     mixed with the mean so short histories stay stable.
     """
@@ -39,22 +42,39 @@ class HistoryEncoder(nn.Module):
         self.pooling = pooling
         if pooling == "recency":
             self.log_recency = nn.Parameter(torch.zeros(max_len))
+        if pooling == "short_long":
+            decay = -torch.arange(max_len, dtype=torch.float32) / 2.0  # weight halves about every 1.4 items
+            self.log_recency = nn.Parameter(torch.stack([torch.zeros(max_len), decay.clamp_min(-20.0)]))
         if pooling == "attention":
             self.query = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
             self.key = nn.Linear(dim, dim, bias=False)
             self.pos = nn.Embedding(max_len, dim)
             nn.init.normal_(self.pos.weight, std=0.01)
 
-    def recency_weights(self, mask: torch.Tensor) -> torch.Tensor:
-        """The ``recency`` pooling's weight of each entry: [B, L] float, 0 where ``mask`` is false."""
-        w = self.log_recency.exp()[recency_positions(mask, self.log_recency.shape[0] - 1)]
+    @property
+    def n_profiles(self) -> int:
+        """How many pooled vectors the encoder returns side by side (2 for ``short_long``)."""
+        return 2 if self.pooling == "short_long" else 1
+
+    def recency_weights(self, mask: torch.Tensor, profile: int = 0) -> torch.Tensor:
+        """The recency poolings' weight of each entry: [B, L] float, 0 where ``mask`` is false.
+
+        Args:
+            mask: [B, L] bool, the kept history entries.
+            profile: which recency profile (0, or 1 for ``short_long``'s short-term one).
+        """
+        log_w = self.log_recency if self.log_recency.dim() == 1 else self.log_recency[profile]
+        w = log_w.exp()[recency_positions(mask, log_w.shape[0] - 1)]
         return w * mask.to(w.dtype)
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Args: items [B, L, d], mask [B, L] bool. Returns [B, d]."""
-        if self.pooling == "recency":
-            w = self.recency_weights(mask)
-            return (w.unsqueeze(-1) * items).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12)
+        """Args: items [B, L, d], mask [B, L] bool. Returns [B, n_profiles * d]."""
+        if self.pooling in ("recency", "short_long"):
+            out = []
+            for k in range(self.n_profiles):
+                w = self.recency_weights(mask, k)
+                out.append((w.unsqueeze(-1) * items).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12))
+            return torch.cat(out, dim=-1)
         mean = masked_mean(items, mask)
         if self.pooling == "mean":
             return mean

@@ -29,8 +29,10 @@ class UserTower(nn.Module):
         self.product_ids = product_ids
         self.seller_ids = seller_ids
         self.history = HistoryEncoder(d, shape.history_pooling)
-        self.hist_proj = nn.Linear(d, d, bias=False)
-        nn.init.eye_(self.hist_proj.weight)
+        k = self.history.n_profiles
+        self.hist_proj = nn.Linear(k * d, d, bias=False)
+        with torch.no_grad():  # starts as the average of the pooled vectors
+            self.hist_proj.weight.copy_(torch.eye(d).repeat(1, k) / k)
         self.hour_emb = nn.Embedding(25, d)
         self.dow_emb = nn.Embedding(8, d)
         nn.init.zeros_(self.hour_emb.weight)
@@ -55,12 +57,16 @@ class UserTower(nn.Module):
         """
         mask = hist_products > 0
         use_sellers = self.seller_ids is not None and hist_sellers is not None
-        if self.history.pooling in ("mean", "recency"):
-            w = self.history.recency_weights(mask) if self.history.pooling == "recency" else None
-            pooled = ragged_mean(self.product_ids, hist_products, mask, weights=w)
-            if use_sellers:
-                denom = mask.sum(1) if w is None else w.sum(1)
-                pooled = pooled + 0.5 * ragged_mean(self.seller_ids, hist_sellers, mask & (hist_sellers > 0), denom, w)
+        if self.history.pooling in ("mean", "recency", "short_long"):
+            parts = []
+            for k in range(self.history.n_profiles):
+                w = self.history.recency_weights(mask, k) if self.history.pooling != "mean" else None
+                part = ragged_mean(self.product_ids, hist_products, mask, weights=w)
+                if use_sellers:
+                    denom = mask.sum(1) if w is None else w.sum(1)
+                    part = part + 0.5 * ragged_mean(self.seller_ids, hist_sellers, mask & (hist_sellers > 0), denom, w)
+                parts.append(part)
+            pooled = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         else:
             items = self.product_ids(hist_products)
             if use_sellers:
