@@ -319,8 +319,9 @@ def test_hide_latest_keeps_a_prefix_of_each_history() -> None:
         assert keep[1].tolist() == [True] + [False] * 5  # one item: always kept
         assert not keep[2].any()  # padding stays padding
     assert seen == {3, 4, 5}  # floor(u * 0.5 * 5) hides 0, 1 or 2 of 5
-    with pytest.raises(ValueError, match="history_horizon"):
-        hide_latest(hist, 1.0)
+    for bad in (1.0, -0.5):
+        with pytest.raises(ValueError, match="history_horizon"):
+            hide_latest(hist, bad)
 
 
 def test_history_horizon_hides_the_same_latest_slots_of_products_and_sellers() -> None:

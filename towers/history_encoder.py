@@ -56,24 +56,22 @@ class HistoryEncoder(nn.Module):
         """How many pooled vectors the encoder returns side by side (2 for ``short_long``)."""
         return 2 if self.pooling == "short_long" else 1
 
-    def recency_weights(self, mask: torch.Tensor, profile: int = 0) -> torch.Tensor:
-        """The recency poolings' weight of each entry: [B, L] float, 0 where ``mask`` is false.
+    def recency_weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """The recency poolings' weight of each entry, per profile: [n_profiles, B, L] float, 0 where
+        ``mask`` is false (``recency``: one profile; ``short_long``: long-term, then short-term).
 
         Args:
             mask: [B, L] bool, the kept history entries.
-            profile: which recency profile (0, or 1 for ``short_long``'s short-term one).
         """
-        log_w = self.log_recency if self.log_recency.dim() == 1 else self.log_recency[profile]
-        w = log_w.exp()[recency_positions(mask, log_w.shape[0] - 1)]
+        log_w = self.log_recency.reshape(self.n_profiles, -1)
+        w = log_w.exp()[:, recency_positions(mask, log_w.shape[1] - 1)]
         return w * mask.to(w.dtype)
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Args: items [B, L, d], mask [B, L] bool. Returns [B, n_profiles * d]."""
         if self.pooling in ("recency", "short_long"):
-            out = []
-            for k in range(self.n_profiles):
-                w = self.recency_weights(mask, k)
-                out.append((w.unsqueeze(-1) * items).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12))
+            out = [(w.unsqueeze(-1) * items).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12)
+                   for w in self.recency_weights(mask)]
             return torch.cat(out, dim=-1)
         mean = masked_mean(items, mask)
         if self.pooling == "mean":

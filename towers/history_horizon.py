@@ -22,11 +22,11 @@ def hide_latest(hist: torch.Tensor, horizon: float, generator: torch.Generator |
     Returns:
         [B, L] bool, True where the entry stays visible (padding stays False).
     """
-    present = hist > 0
-    if horizon <= 0 or hist.shape[1] == 0:
-        return present
     if not 0 <= horizon < 1:
         raise ValueError(f"model.history_horizon must be in [0, 1), got {horizon}")
+    present = hist > 0
+    if horizon == 0 or hist.shape[1] == 0:
+        return present
     n = present.sum(1)
     u = torch.rand(n.shape, generator=generator).to(hist.device)
     hidden = torch.minimum(torch.floor(u * horizon * n.float()).long(), (n - 1).clamp_min(0))

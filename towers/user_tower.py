@@ -59,8 +59,8 @@ class UserTower(nn.Module):
         use_sellers = self.seller_ids is not None and hist_sellers is not None
         if self.history.pooling in ("mean", "recency", "short_long"):
             parts = []
-            for k in range(self.history.n_profiles):
-                w = self.history.recency_weights(mask, k) if self.history.pooling != "mean" else None
+            profiles = self.history.recency_weights(mask) if self.history.pooling != "mean" else [None]
+            for w in profiles:
                 part = ragged_mean(self.product_ids, hist_products, mask, weights=w)
                 if use_sellers:
                     denom = mask.sum(1) if w is None else w.sum(1)
