@@ -222,11 +222,13 @@ def _csr_pairs(users: np.ndarray, csr: tuple[np.ndarray, np.ndarray]) -> tuple[n
 
 
 def catalog_ranks(uvec: torch.Tensor, pvec: torch.Tensor, exclude: tuple[np.ndarray, np.ndarray], rows: np.ndarray,
-                  products: np.ndarray, batch: int = 1024, max_floats: int = 1 << 25) -> np.ndarray:
+                  products: np.ndarray, batch: int = 1024, max_floats: int = 1 << 25,
+                  item_bias: torch.Tensor | None = None) -> np.ndarray:
     """1-based position of ``products[i]`` in the whole-catalog ranking of user row ``rows[i]``.
 
-    The ranking is the one retrieval makes (inner product, row 0 and the user's excluded items
-    skipped), so a missed positive gets the rank the towers really gave it (> N).
+    The ranking is the one retrieval makes (inner product plus ``item_bias`` [P] when given, row 0
+    and the user's excluded items skipped), so a missed positive gets the rank the towers really
+    gave it (> N).
     """
     out = np.ones(len(rows), np.int64)
     if len(rows) == 0:
@@ -243,6 +245,8 @@ def catalog_ranks(uvec: torch.Tensor, pvec: torch.Tensor, exclude: tuple[np.ndar
             if lo == hi:
                 continue
             s = uvec[start:stop] @ pvec.T
+            if item_bias is not None:
+                s += item_bias
             s[:, 0] = float("-inf")
             a, b = indptr[start], indptr[stop]
             if b > a:
@@ -306,6 +310,7 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None, sp
     offers = load_offer_table(prepared, shape.n_products, shape.n_sellers)
     with torch.no_grad():
         pvec = all_vectors(model.product_vectors, shape.n_products)
+        pbias = model.product_offsets(torch.arange(shape.n_products))
     pvec_np = pvec.numpy()
 
     # 1. retrieval with the towers as they stood (NumPy / torch)
@@ -319,7 +324,7 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None, sp
             rows = np.sort(np.random.default_rng(cfg.ranking.seed).choice(len(q), cfg.ranking.max_train_users, replace=False))
             q = q.subset(rows)
         uvec = user_vectors(model, q)
-        top, sc = topk_excluding(uvec, pvec, q.exclude, N, cfg.eval.batch_users)
+        top, sc = topk_excluding(uvec, pvec, q.exclude, N, cfg.eval.batch_users, item_bias=pbias)
         U, K = top.shape
         ok = np.isfinite(sc).ravel()
         cand_pdf.append(pd.DataFrame({
@@ -332,8 +337,8 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None, sp
         user_pdf.append(pd.DataFrame({"phase": phase, "user_idx": q.user_idx.astype(np.int64)}))
         if add_missed:
             r, u, p = _csr_pairs(q.user_idx, q.targets)
-            score = (uvec.numpy()[r] * pvec_np[p]).sum(1).astype(np.float32) if len(r) else np.zeros(0, np.float32)
-            rank = catalog_ranks(uvec, pvec, q.exclude, r, p, cfg.eval.batch_users)
+            score = ((uvec.numpy()[r] * pvec_np[p]).sum(1) + pbias.numpy()[p]).astype(np.float32) if len(r) else np.zeros(0, np.float32)
+            rank = catalog_ranks(uvec, pvec, q.exclude, r, p, cfg.eval.batch_users, item_bias=pbias)
             pos_pdf.append(pd.DataFrame({"phase": phase, "user_idx": u, "product_idx": p, "score": score,
                                          "rank": rank.astype(np.int32)}))
             _, eu, ep = _csr_pairs(q.user_idx, q.exclude)

@@ -145,6 +145,9 @@ class TrainConfig:
     # After model selection, retrain on all the data the user gave for the selected epoch count:
     # that model is exported and served (the evaluated one stays under RUN_DIR/model).
     refit_full: bool = True
+    # Weights of log product popularity added to the score at scoring time; the one with the best
+    # validation Recall@val_k is kept (towers/popularity_prior.py); (0.0,) = cosine only.
+    popularity_prior_grid: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Layout of ``RUN_DIR/bundles/<version>/`` (written with :func:`recsys.artifacts.atomic_artifact`)::
 
-    export/    {products,sellers,users}.npy, *_idx.npy, {kind}_ids.parquet (id column), export.json
-    index/     {products,sellers}.faiss, {products,sellers}_idx.npy, index.json
+    export/    {products,sellers,users}.npy, *_idx.npy, products_offsets.npy, {kind}_ids.parquet (id column),
+               export.json
+    index/     {products,sellers}.faiss (products: dim + 1, the last dimension the score offset), {products,sellers}_idx.npy, index.json
     vocab/     every vocabulary of the prepared artifact (users, products, sellers, categories, brands)
     model/     towers.pt, model.json, model_manifest.json   (the user tower for recent-history queries)
     serving/   products, sellers, offers, popularity, seller_popularity, histories (.parquet)
@@ -51,7 +52,7 @@ from retrieval.marketplace import ServingTables
 from towers.checkpoint import serving_model_dir
 
 CURRENT = "CURRENT"
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
 
 
 class BundleError(RetrievalError):
@@ -88,6 +89,9 @@ class Bundle:
     max_history: int = 50
     path: Path | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    # [P] added to each product's inner product (the popularity prior); None = zeros. A product index
+    # of dimension dim + 1 holds them as its last dimension (faiss_index.with_offsets).
+    product_offsets: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -193,7 +197,7 @@ def build(cfg: Config, run_dir: str | Path, version: str | None = None, make_cur
     with atomic_artifact(bundles / version, manifest) as tmp:
         exp = run_dir / "export"
         for kind in ("products", "sellers", "users"):
-            for suffix in (".npy", "_idx.npy"):
+            for suffix in (".npy", "_idx.npy") + (("_offsets.npy",) if kind == "products" else ()):
                 link_or_copy(exp / f"{kind}{suffix}", tmp / "export" / f"{kind}{suffix}")
             ids = pq.read_table(exp / f"{kind}.parquet", columns=["id"])
             pq.write_table(ids, tmp / "export" / f"{kind}_ids.parquet")
@@ -244,6 +248,11 @@ def load_bundle(path: str | Path, load_model: bool = True) -> Bundle:
         raise BundleError(f"refusing bundle {p}: {e}") from e
     if man.get("stage") != "bundle":
         raise BundleError(f"refusing bundle {p}: manifest stage is {man.get('stage')!r}, not 'bundle'")
+    if int(man.get("format", 1)) < BUNDLE_FORMAT:
+        raise BundleError(
+            f"refusing bundle {p}: format {man.get('format', 1)} predates the product score offsets (format "
+            f"{BUNDLE_FORMAT}); rebuild it with `recsys export`, `recsys index` and `recsys bundle`"
+        )
     try:
         eman = json.loads((p / "export" / "export.json").read_text())
         iman = json.loads((p / "index" / "index.json").read_text())
@@ -283,9 +292,15 @@ def load_bundle(path: str | Path, load_model: bool = True) -> Bundle:
             if vec.dtype != np.float32:
                 raise BundleError(f"refusing bundle {p}: export/{kind}.npy is {vec.dtype}, not float32")
             arrays[kind] = (ids, idx, vec if kind == "users" else np.ascontiguousarray(vec))
+        offsets = load_npy(p / "export" / "products_offsets.npy").astype(np.float32)
+        if offsets.shape != (len(arrays["products"][1]),):
+            raise BundleError(f"refusing bundle {p}: export/products_offsets.npy has shape {offsets.shape}, "
+                              f"not ({len(arrays['products'][1])},)")
         indexes = {}
         for kind in ("products", "sellers"):
-            ix = faiss_index.load_index(p / "index" / f"{kind}.faiss", n=len(arrays[kind][1]), dim=dim)
+            # the product index holds one more dimension: the score offset (faiss_index.with_offsets)
+            ix = faiss_index.load_index(p / "index" / f"{kind}.faiss", n=len(arrays[kind][1]),
+                                        dim=dim + (kind == "products"))
             if not np.array_equal(load_npy(p / "index" / f"{kind}_idx.npy"), arrays[kind][1]):
                 raise BundleError(f"refusing bundle {p}: index/{kind}_idx.npy differs from the export's row order")
             settings = SearchSettings.from_dict(iman.get("indexes", {}).get(kind, {}).get("settings"))
@@ -308,6 +323,7 @@ def load_bundle(path: str | Path, load_model: bool = True) -> Bundle:
         product_ids=arrays["products"][0],
         product_idx=arrays["products"][1],
         product_vectors=arrays["products"][2],
+        product_offsets=offsets,
         product_index=indexes["products"][0],
         product_settings=indexes["products"][1],
         seller_ids=arrays["sellers"][0],

@@ -5,11 +5,14 @@ Writes ``RUN_DIR/export/`` atomically::
     products.parquet, sellers.parquet, users.parquet   id:string, index:int32, vector:list<float32>
     products.npy, sellers.npy, users.npy               float32 [N, d], same row order as the Parquet
     products_idx.npy, sellers_idx.npy, users_idx.npy   int64 [N] model indexes of the rows
+    products_offsets.npy                               float32 [N] popularity offset of each product row
     manifest.json    model version, vocabulary fingerprint, dim, normalisation "l2", metric, counts, checksums
 
 Users are embedded from their id and their history in ``histories/full`` (all accepted events, the
 last ``data.max_history`` items, as at serving time; no hour/day context). Vectors are unit length,
-so the inner product is the model's cosine score.
+so the inner product is the model's cosine score; a product's score adds its offset
+(``TwoTowerModel.product_offsets``: the popularity prior chosen on validation, 0 without one), which
+the product index holds as an extra dimension.
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None) ->
         "normalisation": NORMALISATION,
         "metric": METRIC,
         "max_history": width,
+        "popularity_prior": round(float(model.popularity_prior), 6),
     }
     with atomic_artifact(out_dir, manifest) as tmp:
         for kind, n_model, fn in (
@@ -175,6 +179,10 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None) ->
             vec = _item_vectors(fn, idx, batch) if len(idx) else np.zeros((0, shape.dim), np.float32)
             _write_kind(tmp, kind, ids, idx, vec)
             counts[kind] = len(idx)
+            if kind == "products":
+                with torch.no_grad():
+                    off = model.product_offsets(torch.from_numpy(idx)).float().numpy() if len(idx) else np.zeros(0)
+                save_npy(tmp / "products_offsets.npy", off.astype(np.float32))
         ids, idx = read_vocab(prepared / "vocab" / "users.parquet")
         idx_model = np.where(idx < shape.n_users, idx, 0)
         hp, hs = history_matrix(prepared, idx, width)

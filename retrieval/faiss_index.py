@@ -407,6 +407,25 @@ def sample_queries(users: np.ndarray, fallback: np.ndarray, n: int, seed: int = 
     return np.ascontiguousarray(src[rows], dtype=np.float32)
 
 
+def with_offsets(x: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
+    """Products' or queries' vectors extended by the score offset dimension.
+
+    A product row becomes ``[p, offset_p]`` and a query ``[u, 1]`` (``offsets`` None), so the inner
+    product is ``cos(u, p) + offset_p``: the model's product score (the popularity prior) in the same
+    inner-product index.
+
+    Args:
+        x: [n, d] float32.
+        offsets: [n] float32, or None for queries.
+    Returns:
+        [n, d + 1] float32, C-contiguous.
+    """
+    extra = np.ones((len(x), 1), np.float32) if offsets is None else np.asarray(offsets, np.float32).reshape(-1, 1)
+    if len(extra) != len(x):
+        raise IndexBuildError(f"{len(extra)} product offsets for {len(x)} product vectors")
+    return np.ascontiguousarray(np.hstack([np.asarray(x, np.float32), extra]))
+
+
 def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     """Build the product and seller indexes from ``RUN_DIR/export``; write ``RUN_DIR/index``.
 
@@ -443,6 +462,8 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         for kind in ("products", "sellers"):
             x = np.ascontiguousarray(load_npy(exp / f"{kind}.npy"), dtype=np.float32)
             q = sample_queries(users, x, rcfg.recall_sample_queries, seed=17)
+            if kind == "products":
+                x, q = with_offsets(x, load_npy(exp / "products_offsets.npy")), with_offsets(q, None)
             # Sellers are few: the configured factory is for the product catalog; sellers use the size rule.
             factory = rcfg.index_factory if kind == "products" else ""
             index, info = build_tuned(x, q, factory, rcfg, kind)

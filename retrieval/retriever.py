@@ -256,6 +256,14 @@ class Retriever:
         self.P = len(bundle.product_idx)
         self.S = len(bundle.seller_idx)
         self.vectors = np.ascontiguousarray(bundle.product_vectors, dtype=np.float32)
+        # A product index one dimension wider than the vectors scores cos + offset (the popularity
+        # prior): exact search then uses the same extended vectors and queries get a trailing 1.
+        self._offset_dim = int(bundle.product_index.d) == self.vectors.shape[1] + 1
+        if self._offset_dim:
+            off = bundle.product_offsets if bundle.product_offsets is not None else np.zeros(len(self.vectors), np.float32)
+            self.search_vectors = faiss_index.with_offsets(self.vectors, off)
+        else:
+            self.search_vectors = self.vectors
         self.seller_vectors = np.ascontiguousarray(bundle.seller_vectors, dtype=np.float32)
         self._user_pos = pd.Index(bundle.user_ids)
         self._product_pos = pd.Index(bundle.product_ids)
@@ -425,10 +433,10 @@ class Retriever:
         """
         R = len(Q)
         if full and fs.mask is not None and R <= SMALL_BATCH and fs.n_allowed > SUBSET_MAX:
-            allowed, V, bias = None, self.vectors, fs.bias()
+            allowed, V, bias = None, self.search_vectors, fs.bias()
         else:
             allowed = fs.allowed()
-            V, bias = fs.sub_vectors(self.vectors, cache=len(allowed) <= SUBSET_MAX), None
+            V, bias = fs.sub_vectors(self.search_vectors, cache=len(allowed) <= SUBSET_MAX), None
         A = len(V)
         limit = fs.n_allowed
         pos = np.full((R, k), -1, np.int64)
@@ -525,7 +533,8 @@ class Retriever:
                 allpos = np.concatenate([ex_pos, flat2])
                 o = np.argsort(row_of, kind="stable")
                 ex_lens, ex_pos = np.bincount(row_of, minlength=len(rows)), allpos[o]
-            p, s, _ = self._search(Q[rows], k, fs, ex_lens, ex_pos, cap)
+            Qr = faiss_index.with_offsets(Q[rows], None) if self._offset_dim else Q[rows]
+            p, s, _ = self._search(Qr, k, fs, ex_lens, ex_pos, cap)
             positions[rows], scores[rows] = p, s
         fb = ~known
         if fb.any():

@@ -34,6 +34,16 @@ def test_fit_writes_every_stage(fitted) -> None:
     assert (run / "bundles" / "CURRENT").exists()
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["models"]["two_tower"]["products"]["recall@100"] > report["models"]["popularity"]["products"]["recall@10"]
+    # the popularity prior: chosen on validation over the whole grid, carried to the refit, used by eval and export
+    sel = json.loads((run / "model" / "model.json").read_text())["popularity_prior"]
+    grid = json.loads((run / "config.json").read_text())["train"]["popularity_prior_grid"]
+    assert sorted(float(w) for w in sel["validation"]) == sorted(grid) and sel["weight"] in grid
+    best = max(v["recall@20"] for v in sel["validation"].values())
+    assert sel["validation"][str(float(sel["weight"]))]["recall@20"] == best
+    full = json.loads((run / "model_full" / "model.json").read_text())["popularity_prior"]
+    assert full == {"weight": sel["weight"], "validation": {}}
+    assert report["models"]["two_tower"]["popularity_prior"] == sel["weight"]
+    assert json.loads((run / "export" / "manifest.json").read_text())["popularity_prior"] == sel["weight"]
 
 
 def test_recommend_contract(fitted, tmp_path) -> None:

@@ -47,9 +47,14 @@ def _tables(rng: np.random.Generator, n_products: int, bought: dict[int, list[in
     )
 
 
-def _bundle(products: np.ndarray, users: np.ndarray, tables: ServingTables, factory: str) -> Bundle:
+def _bundle(products: np.ndarray, users: np.ndarray, tables: ServingTables, factory: str,
+            offsets: np.ndarray | None = None) -> Bundle:
     cfg = load_config(None, ["retrieval.recall_k=20"]).retrieval
-    index, info = faiss_index.build_tuned(products, users, factory, cfg)
+    if offsets is None:
+        index, info = faiss_index.build_tuned(products, users, factory, cfg)
+    else:  # the popularity prior: the product index holds the offsets as one more dimension
+        index, info = faiss_index.build_tuned(faiss_index.with_offsets(products, offsets),
+                                              faiss_index.with_offsets(users, None), factory, cfg)
     rng = np.random.default_rng(3)
     sv = rng.normal(size=(S, products.shape[1])).astype(np.float32)
     sv /= np.linalg.norm(sv, axis=1, keepdims=True)
@@ -63,6 +68,7 @@ def _bundle(products: np.ndarray, users: np.ndarray, tables: ServingTables, fact
         seller_vectors=sv, seller_index=faiss_index.build_index(sv, "Flat"),
         user_ids=np.array([f"u{i}" for i in range(1, len(users) + 1)], dtype=object),
         user_idx=np.arange(1, len(users) + 1), user_vectors=users, tables=tables, categories=cats,
+        product_offsets=offsets,
     )
 
 
@@ -122,7 +128,7 @@ def _oracle(b: Bundle, uvec: np.ndarray, user_idx: int, k: int, f: Filters, cat_
         i = t.h_user.tolist().index(user_idx)
         start = int(t.h_len[:i].sum())
         bought = set(t.h_products[start : start + t.h_len[i]].tolist())
-    scores = b.product_vectors @ uvec
+    scores = b.product_vectors @ uvec + (0.0 if b.product_offsets is None else b.product_offsets)
     allowed = sorted((x for x in _allowed(b, f, cat_ids) if x[0] + 1 not in bought), key=lambda x: (-scores[x[0]], x[0]))
     out, per = [], {}
     for pos, s in allowed:
@@ -159,11 +165,15 @@ def random_world():
     return products, users, _tables(rng, P, bought)
 
 
+@pytest.mark.parametrize("offsets", [False, True], ids=["cosine", "with-offsets"])
 @pytest.mark.parametrize("subset_search", [True, False], ids=["exact-subset", "index-path"])
 @pytest.mark.parametrize("factory", FACTORIES)
-def test_matches_brute_force_under_every_filter(random_world, factory, subset_search) -> None:
+def test_matches_brute_force_under_every_filter(random_world, factory, subset_search, offsets) -> None:
+    """Every filter, both search paths, every index type; with offsets the score is cos + offset
+    (the popularity prior), large enough to reorder the lists."""
     products, users, tables = random_world
-    b = _bundle(products, users, tables, factory)
+    off = -0.5 * np.random.default_rng(5).random(len(products)).astype(np.float32) if offsets else None
+    b = _bundle(products, users, tables, factory, off)
     r = Retriever(b, load_config(None).retrieval)
     if not subset_search:  # filtered searches go through the index (FAISS selector, or masked BLAS for Flat)
         r.exact_below, r.selective_fraction = 0, 0.0
@@ -179,7 +189,8 @@ def test_matches_brute_force_under_every_filter(random_world, factory, subset_se
                 assert not res.fallback
                 assert [c.rank for c in res.candidates] == list(range(1, len(ids) + 1))
                 pos = np.array([int(x[1:]) - 1 for x in ids], np.int64)
-                assert np.allclose([c.score for c in res.candidates], products[pos] @ users[i], atol=1e-5)
+                want_scores = products[pos] @ users[i] + (0.0 if off is None else off[pos])
+                assert np.allclose([c.score for c in res.candidates], want_scores, atol=1e-5)
 
 
 @pytest.mark.parametrize("factory", FACTORIES)

@@ -157,6 +157,53 @@ def test_bundle_tamper_and_mismatch_are_refused(built, tmp_path) -> None:
         load_bundle(l2)
     with pytest.raises(BundleError, match="not a bundle directory"):
         load_bundle(tmp_path / "nothing")
+    old = _copy_bundle(src, tmp_path / "format1")
+    m = json.loads((old / "manifest.json").read_text())
+    m.pop("files")
+    m["format"] = 1
+    write_manifest(old, m)
+    with pytest.raises(BundleError, match="format 1 predates the product score offsets"):
+        load_bundle(old)
+
+
+def test_popularity_prior_reaches_export_index_and_recommendations(tmp_path) -> None:
+    """A model with a popularity prior: export writes its offsets, the product index holds them as one
+    more dimension, and recommendations rank by cos + offset exactly as the model scores."""
+    import torch
+
+    from recsys.artifacts import atomic_artifact
+    from towers.checkpoint import load_towers, save_towers
+
+    cfg = tiny_cfg()
+    _, run = make_run(tmp_path, cfg)
+    model, desc = load_towers(run / "model")
+    n = model.shape.n_products
+    model.set_popularity(torch.log(torch.arange(1, n + 1, dtype=torch.float32)))  # later products more popular
+    model.set_popularity_prior(2.0)
+    extra = {k: v for k, v in desc.items() if k != "shape"}
+    with atomic_artifact(run / "model", {"stage": "train", **extra}) as tmp:
+        save_towers(model, tmp, extra)
+    exp = export.run(cfg, run)
+    assert exp["popularity_prior"] == 2.0
+    idx = np.load(run / "export" / "products_idx.npy")
+    off = np.load(run / "export" / "products_offsets.npy")
+    with torch.no_grad():
+        want_off = model.product_offsets(torch.from_numpy(idx)).numpy()
+    assert np.allclose(off, want_off) and off.max() <= 0 and off.min() < -0.5  # strong enough to reorder
+    faiss_index.run(cfg, run)
+    assert faiss.read_index(str(run / "index" / "products.faiss")).d == 16 + 1
+    bundle_mod.build(cfg, run)
+    b = load_bundle(run)
+    assert np.array_equal(b.product_offsets, off)
+    r = Retriever(b, cfg)
+    uvec = b.user_vectors[0]
+    res = r.recommend_products(["u1"], 10, Filters(exclude_bought=False))[0]
+    scores = b.product_vectors @ uvec + off
+    want = [f"p{int(i)}" for i in idx[np.argsort(-scores, kind="stable")[:10]]]
+    assert [c.product_id for c in res.candidates] == want
+    assert np.allclose([c.score for c in res.candidates], np.sort(scores)[::-1][:10], atol=1e-5)
+    cos_only = [f"p{int(i)}" for i in idx[np.argsort(-(b.product_vectors @ uvec), kind="stable")[:10]]]
+    assert cos_only != want
 
 
 def test_recommend_on_txt_and_csv_flags_unknown_users(built, tmp_path) -> None:

@@ -13,6 +13,7 @@ from towers.two_tower import TwoTowerModel
 
 WEIGHTS = "towers.pt"
 DESCRIPTION = "model.json"
+_ADDED_BUFFERS = ("log_popularity", "popularity_prior")
 
 
 def save_towers(model: TwoTowerModel, directory: str | Path, extra: dict[str, Any]) -> None:
@@ -36,7 +37,12 @@ def load_towers(directory: str | Path, device: str = "cpu") -> tuple[TwoTowerMod
     shape = TowerShape(**desc["shape"])
     model = TwoTowerModel(shape)
     state = torch.load(directory / WEIGHTS, map_location=device, weights_only=True)
-    model.load_state_dict(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Models saved before the popularity prior existed score by the cosine alone: their zero
+    # defaults are right, anything else missing or extra is a mismatch.
+    missing = [k for k in missing if k not in _ADDED_BUFFERS]
+    if missing or unexpected:
+        raise RuntimeError(f"{directory / WEIGHTS}: state dict does not match the towers (missing {missing}, unexpected {unexpected})")
     model.to(device).eval()
     return model, desc
 

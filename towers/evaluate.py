@@ -142,8 +142,8 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None, sp
     cold_sellers = scount <= 0
     cold_sellers[0] = False
 
-    def evaluate(name: str, uvec, pvec, svec) -> dict[str, Any]:
-        top, _ = topk_excluding(uvec, pvec, q.exclude, K, cfg.eval.batch_users)
+    def evaluate(name: str, uvec, pvec, svec, pbias=None) -> dict[str, Any]:
+        top, _ = topk_excluding(uvec, pvec, q.exclude, K, cfg.eval.batch_users, item_bias=pbias)
         out = {"products": score_lists(top, q, q.targets, ks, ndcg_ks, pcount, shape.n_products, slices, cold_products)}
         if shape.has_sellers and svec is not None and len(q.seller_targets[1]):
             stop, _ = topk_excluding(uvec, svec, None, min(K, shape.n_sellers - 1), cfg.eval.batch_users)
@@ -158,7 +158,9 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None, sp
         uvec = user_vectors(model, q)
         pvec = all_vectors(model.product_vectors, shape.n_products)
         svec = all_vectors(model.seller_vectors, shape.n_sellers) if shape.has_sellers else None
-    report["models"]["two_tower"] = evaluate("two_tower", uvec, pvec, svec)
+        pbias = model.product_offsets(torch.arange(shape.n_products))
+    report["models"]["two_tower"] = evaluate("two_tower", uvec, pvec, svec, pbias)
+    report["models"]["two_tower"]["popularity_prior"] = round(float(model.popularity_prior), 6)
     report["models"]["two_tower"]["seconds"] = round(time.time() - t0, 1)
     for b in baselines if baselines is not None else cfg.eval.baselines:
         t1 = time.time()

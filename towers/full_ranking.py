@@ -28,17 +28,58 @@ def topk_excluding(
         (indices [U, k] int64, scores [U, k] float32) as numpy arrays, best first.
     """
     U = user_vecs.shape[0]
-    N = item_vecs.shape[0]
-    k = max(1, min(k, N - 1))
+    k = max(1, min(k, item_vecs.shape[0] - 1))
     out_i = np.zeros((U, k), dtype=np.int64)
     out_s = np.zeros((U, k), dtype=np.float32)
+    for start, stop, s in masked_scores(user_vecs, item_vecs, exclude, batch_size):
+        if item_bias is not None:
+            s += item_bias
+        sc, ix = torch.topk(s, k, dim=1)
+        out_i[start:stop] = ix.cpu().numpy()
+        out_s[start:stop] = sc.float().cpu().numpy()
+    return out_i, out_s
+
+
+def topk_per_bias(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    exclude: tuple[np.ndarray, np.ndarray] | None,
+    k: int,
+    item_biases: torch.Tensor,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """:func:`topk_excluding` for several item biases at once: one matrix product per user batch.
+
+    Args:
+        user_vecs: [U, d]; item_vecs: [N, d]; exclude: CSR of items to skip per user, or None.
+        k: list length (capped at N - 1).
+        item_biases: [G, N], one bias per candidate list.
+
+    Returns:
+        indices [G, U, k] int64, best first.
+    """
+    U = user_vecs.shape[0]
+    k = max(1, min(k, item_vecs.shape[0] - 1))
+    out = np.zeros((item_biases.shape[0], U, k), dtype=np.int64)
+    for start, stop, s in masked_scores(user_vecs, item_vecs, exclude, batch_size):
+        for g, b in enumerate(item_biases):
+            out[g, start:stop] = torch.topk(s + b, k, dim=1).indices.cpu().numpy()
+    return out
+
+
+def masked_scores(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    exclude: tuple[np.ndarray, np.ndarray] | None,
+    batch_size: int = 1024,
+):
+    """Yield ``(start, stop, scores [stop - start, N])`` per user batch, row 0 and exclusions at -inf."""
+    U = user_vecs.shape[0]
     neg_inf = torch.tensor(float("-inf"), device=item_vecs.device)
     with torch.no_grad():
         for start in range(0, U, batch_size):
             stop = min(start + batch_size, U)
             s = user_vecs[start:stop] @ item_vecs.T
-            if item_bias is not None:
-                s = s + item_bias
             s[:, 0] = neg_inf
             if exclude is not None:
                 indptr, idx = exclude
@@ -46,7 +87,4 @@ def topk_excluding(
                 if hi > lo:
                     rows = np.repeat(np.arange(stop - start), np.diff(indptr[start : stop + 1]))
                     s[torch.from_numpy(rows).to(s.device), torch.from_numpy(idx[lo:hi]).to(s.device)] = neg_inf
-            sc, ix = torch.topk(s, k, dim=1)
-            out_i[start:stop] = ix.cpu().numpy()
-            out_s[start:stop] = sc.float().cpu().numpy()
-    return out_i, out_s
+            yield start, stop, s

@@ -57,6 +57,7 @@ class TwoTowerLightning(pl.LightningModule):
             self.model.products.num.copy_(catalog.product_num)
             self.model.sellers.num.copy_(catalog.seller_num)
             self.product_logq.copy_(catalog.product_logq)
+            self.model.set_popularity(catalog.product_logq)
             self.seller_logq.copy_(catalog.seller_logq)
 
     def _augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from towers.datamodule import TowerDataModule
 from towers.item_neighbors import neighbors_from_examples
 from towers.lit_module import TwoTowerLightning
 from towers.lr_schedule import PlateauDecay, ReplayDecay
+from towers.popularity_prior import select_prior
 from towers.shapes import TowerShape
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def run(
     epochs: int | None = None,
     out_name: str = "model",
     lr_schedule: dict[str, Any] | None = None,
+    popularity_prior: float | None = None,
 ) -> dict[str, Any]:
     """Train the towers and write ``RUN_DIR/<out_name>`` (weights, description, manifest).
 
@@ -84,6 +86,8 @@ def run(
         epochs: a fixed number of epochs (refit), else ``train.epochs`` with early stopping.
         out_name: the model directory name under the run directory.
         lr_schedule: a schedule recorded by :class:`PlateauDecay` to replay without validation (refit).
+        popularity_prior: the popularity weight to store when there is no validation to choose it
+            (refit: the selected model's), else the validation choice from ``train.popularity_prior_grid``.
 
     Returns:
         Summary with the best validation metric, epochs, timing and paths.
@@ -201,6 +205,15 @@ def run(
     state = torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"]
     lit.load_state_dict(state)
     model = lit.model.cpu().eval()
+    grid = tuple(cfg.train.popularity_prior_grid)
+    prior_table: dict[str, Any] = {}
+    if has_val:
+        prior, prior_table = select_prior(model, dm.val_queries, grid, cfg.train.val_k, cfg.eval.batch_users)
+    elif popularity_prior is not None:
+        prior = float(popularity_prior)
+    else:
+        prior = float(grid[0]) if len(grid) == 1 else 0.0
+    model.set_popularity_prior(prior)
     resolved = to_dict(cfg)
     extra = {
         "config": resolved,
@@ -212,6 +225,7 @@ def run(
         "epochs_trained": int(trainer.current_epoch),
         "best_epoch": _best_epoch(best_path, trainer.current_epoch),
         "lr_schedule": plateau.schedule() if plateau is not None else (lr_schedule or {}),
+        "popularity_prior": {"weight": prior, "validation": prior_table},
         "train_splits": list(train_splits),
         "train_seconds": round(train_seconds, 1),
         "mlflow": {"tracking_uri": uri, "run_id": mlf.run_id},
@@ -225,6 +239,7 @@ def run(
         monitor: extra["best_val"][monitor],
         "epochs": extra["epochs_trained"],
         "best_epoch": extra["best_epoch"],
+        "popularity_prior": prior,
         "train_seconds": extra["train_seconds"],
         "mlflow_run_id": mlf.run_id,
         "tracking_uri": uri,
@@ -254,8 +269,9 @@ def refit(cfg: Config, prepared: str | Path, run_dir: str | Path, include_test: 
     # Effective epochs: epochs discarded by a restore-on-plateau do not count.
     best = schedule.get("epochs") or info.get("best_epoch") or cfg.train.epochs
     splits = ("train", "val", "test") if include_test else ("train", "val")
+    prior = (info.get("popularity_prior") or {}).get("weight", 0.0)
     return run(cfg, prepared, run_dir, resume=False, progress=progress, train_splits=splits, epochs=int(best),
-               out_name="model_full", lr_schedule=schedule)
+               out_name="model_full", lr_schedule=schedule, popularity_prior=prior)
 
 
 def _log_model(uri: str, run_id: str, model_dir: Path, cfg: Config, metric: str, value: float | None) -> None:

@@ -18,8 +18,12 @@ from towers.user_tower import UserTower
 class TwoTowerModel(nn.Module):
     """User, product and seller towers sharing one d-dimensional space.
 
-    The score of a (user, item) pair is ``cos(u, i) / temperature``; the FAISS indexes use the inner
-    product of the same L2-normalised vectors, so ranking by index score equals ranking by model score.
+    The score of a (user, product) pair is ``cos(u, p) / temperature + prior * log_popularity_p``,
+    where ``prior`` is 0 while training and then chosen on the validation split
+    (:mod:`towers.popularity_prior`); sellers score ``cos(u, s) / temperature``. The FAISS indexes use
+    the inner product of the same L2-normalised vectors, the product vectors extended by one
+    dimension holding :meth:`product_offsets` (and queries by a 1), so ranking by index score equals
+    ranking by model score.
     """
 
     def __init__(
@@ -40,6 +44,10 @@ class TwoTowerModel(nn.Module):
             hist_p, hist_s = self.products.id_emb, self.sellers.id_emb if shape.has_sellers else None
         self.users = UserTower(shape, hist_p, hist_s)
         log_t = torch.tensor(math.log(shape.temperature))
+        # log training frequency of each product minus the largest (<= 0), and the weight given to
+        # it at scoring time: buffers, so the state dict alone carries both to serving.
+        self.register_buffer("log_popularity", torch.zeros(shape.n_products))
+        self.register_buffer("popularity_prior", torch.zeros(()))
         if shape.learn_temperature:
             self.log_temperature = nn.Parameter(log_t)
         else:
@@ -63,6 +71,28 @@ class TwoTowerModel(nn.Module):
     def product_vectors(self, product_idx: torch.Tensor) -> torch.Tensor:
         """Args: product_idx [...]. Returns [..., d] unit vectors."""
         return F.normalize(self.products(product_idx), dim=-1)
+
+    def set_popularity(self, logq: torch.Tensor) -> None:
+        """Store the products' log training frequencies. Args: logq: [N] float."""
+        with torch.no_grad():
+            self.log_popularity.copy_(logq - logq.max())
+
+    def set_popularity_prior(self, prior: float) -> None:
+        """Set the weight of ``log_popularity`` in the score (0 = cosine only)."""
+        with torch.no_grad():
+            self.popularity_prior.fill_(float(prior))
+
+    def product_offsets(self, product_idx: torch.Tensor, prior: float | torch.Tensor | None = None) -> torch.Tensor:
+        """What ranking by ``cos(u, p) + offset_p`` needs to equal ranking by the model score.
+
+        Args:
+            product_idx: [...] int64.
+            prior: the popularity weight to use instead of the stored one (selection tries several).
+        Returns:
+            [...] float, ``temperature * prior * log_popularity`` (<= 0; zeros when the prior is 0).
+        """
+        w = self.popularity_prior if prior is None else prior
+        return self.temperature * w * self.log_popularity[product_idx]
 
     def seller_vectors(self, seller_idx: torch.Tensor) -> torch.Tensor:
         """Args: seller_idx [...]. Returns [..., d] unit vectors."""
