@@ -85,6 +85,10 @@ class ModelConfig:
     # Co-occurrence neighbours per product whose mean id embedding is added to the product's own
     # (towers/item_neighbors.py); 0 = off.
     item_neighbors: int = 0
+    # A learned bias per product added to its logit (score = cos(u, p) / temperature + b_p): unit
+    # vectors cannot say how broadly a product is chosen, a bias can. Retrieval folds it into the
+    # product offsets (towers.two_tower.TwoTowerModel.product_offsets), so the index ranks by it too.
+    item_bias: bool = False
     user_hash_buckets: int = 0  # 0 = unknown users share index 0; >0 hashes unseen ids into buckets
     temperature: float = 0.1
     learn_temperature: bool = False

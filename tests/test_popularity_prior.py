@@ -115,3 +115,38 @@ def test_checkpoint_keeps_the_prior_and_loads_models_saved_without_it(tmp_path) 
     torch.save(state, tmp_path / "old" / "towers.pt")
     with pytest.raises(RuntimeError, match="unexpected"):
         load_towers(tmp_path / "old")
+
+
+def test_item_bias_enters_the_loss_the_offsets_and_training() -> None:
+    """model.item_bias: the loss's logits are cos/T + b (plus the logQ correction), and the offsets
+    that evaluation and the index use are T * (b + prior * log_popularity)."""
+    from recsys.config import Config, to_dict
+    from towers.lit_module import TwoTowerLightning
+
+    shape = TowerShape(n_users=10, n_products=N_PRODUCTS, n_sellers=1, n_categories=1, n_brands=1,
+                       n_product_features=0, n_seller_features=0, dim=8, item_bias=True, use_user_id=False)
+    train = {**to_dict(Config().train), "num_negatives": 0, "logq_correction": False, "history_dropout": 0.0}
+    torch.manual_seed(0)
+    lit = TwoTowerLightning(shape.to_dict(), train, {}).eval()
+    m = lit.model
+    with torch.no_grad():
+        m.products.bias_emb.weight.copy_(torch.randn(N_PRODUCTS, 1))
+    batch = {"user_idx": torch.tensor([1, 2, 3]), "product_idx": torch.tensor([5, 6, 9]),
+             "seller_idx": torch.zeros(3, dtype=torch.long), "weight": torch.ones(3),
+             "hist_products": torch.tensor([[4, 0], [1, 2], [3, 7]]), "hist_sellers": torch.zeros(3, 2, dtype=torch.long),
+             "hour": torch.full((3,), -1), "dow": torch.full((3,), -1)}
+    loss, _ = lit.compute_loss(batch)
+    with torch.no_grad():
+        u, p = m.user_vectors(batch), m.product_vectors(batch["product_idx"])
+        b = m.products.bias_emb.weight[batch["product_idx"], 0]
+        want = torch.nn.functional.cross_entropy(u @ p.T / m.temperature + b.unsqueeze(0), torch.arange(3))
+        assert torch.allclose(loss, want, atol=1e-5)
+        ids = torch.arange(N_PRODUCTS)
+        m.set_popularity(_logq(7))
+        m.set_popularity_prior(0.5)
+        want_off = m.temperature * (m.products.bias_emb.weight[:, 0] + 0.5 * m.log_popularity)
+        assert torch.allclose(m.product_offsets(ids), want_off)
+    # the bias trains: a sparse gradient on the batch's products only
+    loss.backward()
+    assert m.products.bias_emb.weight.grad is not None
+    assert set(m.products.bias_emb.weight.grad.coalesce().indices()[0].tolist()) == {5, 6, 9}

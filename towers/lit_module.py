@@ -102,6 +102,10 @@ class TwoTowerLightning(pl.LightningModule):
         if use_logq:
             pc = log_expected_count(self.product_logq[pid], B, len(neg_ids), self.tshape.n_products - 1)
             nc = log_expected_count(self.product_logq[neg_ids], B, len(neg_ids), self.tshape.n_products - 1)
+        if self.tshape.item_bias:
+            # The loss subtracts corrections from the logits: a bias enters as a negative one.
+            bp, bn = m.products.bias(pid), m.products.bias(neg_ids)
+            pc, nc = (-bp, -bn) if pc is None else (pc - bp, nc - bn)
         parts = {
             "user_product": sampled_softmax_loss(
                 u, p, pid, temp, m.product_vectors(neg_ids), neg_ids, pc, nc, weights, hits
@@ -220,6 +224,7 @@ class TwoTowerLightning(pl.LightningModule):
         ids = torch.arange(self.tshape.n_products, device=self.device)
         with torch.no_grad():
             self._item_vecs = torch.cat([self.model.product_vectors(c) for c in ids.split(65536)])
+            self._item_offsets = self.model.product_offsets(ids)
 
     def validation_step(self, rows: torch.Tensor, batch_idx: int) -> None:
         q = self.val_queries
@@ -238,7 +243,7 @@ class TwoTowerLightning(pl.LightningModule):
         with torch.no_grad():
             u = self.model.user_vectors(batch)
         K = max(self.val_ks)
-        top, _ = topk_excluding(u, self._item_vecs, sub.exclude, K)
+        top, _ = topk_excluding(u, self._item_vecs, sub.exclude, K, item_bias=self._item_offsets)
         h = hits_matrix(top, *sub.targets)
         met = ranking_metrics(h, np.diff(sub.targets[0]), self.val_ks, (10, 20))
         for k, v in met.items():
@@ -249,4 +254,4 @@ class TwoTowerLightning(pl.LightningModule):
         n = max(self._val_n, 1)
         for k, v in self._val_sums.items():
             self.log(f"val/{k}", v / n, prog_bar=k == f"recall@{self.train_cfg['val_k']}", sync_dist=True)
-        self._item_vecs = None
+        self._item_vecs = self._item_offsets = None

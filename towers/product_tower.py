@@ -39,6 +39,9 @@ class ProductTower(nn.Module):
             self.brand_emb = embedding(shape.n_brands, d, shape.sparse, std=0.02)
             self.num_proj = nn.Linear(max(shape.n_product_features, 1), d)
             self.mix = nn.Sequential(nn.Linear(d, shape.hidden), nn.GELU(), nn.Linear(shape.hidden, d))
+        if shape.item_bias:
+            # Starts at zero: the logQ-corrected softmax then learns only what the cosine cannot say.
+            self.bias_emb = embedding(shape.n_products, 1, shape.sparse, std=0.0)
 
     def forward(self, product_idx: torch.Tensor) -> torch.Tensor:
         """Args: product_idx: [...] int64. Returns: [..., d] float."""
@@ -53,6 +56,12 @@ class ProductTower(nn.Module):
                 f = f + self.num_proj(self.num[product_idx])
             x = x + self.mix(f)
         return x
+
+    def bias(self, product_idx: torch.Tensor) -> torch.Tensor:
+        """Args: product_idx: [...] int64. Returns: [...] float logit bias (zeros without ``item_bias``)."""
+        if not self.shape.item_bias:
+            return torch.zeros(product_idx.shape, device=product_idx.device)
+        return self.bias_emb(product_idx).squeeze(-1)
 
     def set_neighbors(self, neighbors: torch.Tensor) -> None:
         """Copy the co-occurrence neighbours in. Args: neighbors: [N, K] int, 0-padded."""

@@ -25,6 +25,7 @@ class TowerShape:
     use_user_id: bool = True
     separate_history: bool = False
     item_neighbors: int = 0
+    item_bias: bool = False
     user_hash_buckets: int = 0
     use_features: bool = True
     sparse: bool = True

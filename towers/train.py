@@ -45,6 +45,7 @@ def tower_shape(cfg: Config, catalog) -> TowerShape:
         use_user_id=m.use_user_id,
         separate_history=m.separate_history,
         item_neighbors=m.item_neighbors,
+        item_bias=m.item_bias,
         user_hash_buckets=m.user_hash_buckets,
         use_features=m.use_features,
         sparse=m.sparse_embeddings and not (cfg.train.accelerator == "gpu" and cfg.train.devices > 1),

@@ -18,8 +18,8 @@ from towers.user_tower import UserTower
 class TwoTowerModel(nn.Module):
     """User, product and seller towers sharing one d-dimensional space.
 
-    The score of a (user, product) pair is ``cos(u, p) / temperature + prior * log_popularity_p``,
-    where ``prior`` is 0 while training and then chosen on the validation split
+    The score of a (user, product) pair is ``cos(u, p) / temperature + b_p + prior * log_popularity_p``,
+    where ``b_p`` is a learned bias (``item_bias``; else 0) and ``prior`` is 0 while training and then chosen on the validation split
     (:mod:`towers.popularity_prior`); sellers score ``cos(u, s) / temperature``. The FAISS indexes use
     the inner product of the same L2-normalised vectors, the product vectors extended by one
     dimension holding :meth:`product_offsets` (and queries by a 1), so ranking by index score equals
@@ -89,10 +89,11 @@ class TwoTowerModel(nn.Module):
             product_idx: [...] int64.
             prior: the popularity weight to use instead of the stored one (selection tries several).
         Returns:
-            [...] float, ``temperature * prior * log_popularity`` (<= 0; zeros when the prior is 0).
+            [...] float, ``temperature * (b_p + prior * log_popularity_p)`` (``b_p`` the learned bias
+            with ``item_bias``, else 0; zeros without both).
         """
         w = self.popularity_prior if prior is None else prior
-        return self.temperature * w * self.log_popularity[product_idx]
+        return self.temperature * (self.products.bias(product_idx) + w * self.log_popularity[product_idx])
 
     def seller_vectors(self, seller_idx: torch.Tensor) -> torch.Tensor:
         """Args: seller_idx [...]. Returns [..., d] unit vectors."""
