@@ -62,8 +62,13 @@ def topk_per_bias(
     k = max(1, min(k, item_vecs.shape[0] - 1))
     out = np.zeros((item_biases.shape[0], U, k), dtype=np.int64)
     for start, stop, s in masked_scores(user_vecs, item_vecs, exclude, batch_size):
+        prev = None
         for g, b in enumerate(item_biases):
-            out[g, start:stop] = torch.topk(s + b, k, dim=1).indices.cpu().numpy()
+            # In place (each step adds the change of bias): a second [batch, N] matrix would double
+            # the memory of a 1M-product catalog.
+            s.add_(b if prev is None else b - prev)
+            prev = b
+            out[g, start:stop] = torch.topk(s, k, dim=1).indices.cpu().numpy()
     return out
 
 
