@@ -60,6 +60,7 @@ from ranking.features import (
 )
 from recsys.artifacts import ArtifactError, atomic_artifact, read_manifest
 from recsys.config import Config, fingerprint, to_dict
+from towers.full_ranking import masked_scores, topk_excluding
 
 PHASES = {
     # phase: (split whose events are the labels, earlier splits = history / exclusions, add missed positives)
@@ -235,23 +236,14 @@ def catalog_ranks(uvec: torch.Tensor, pvec: torch.Tensor, exclude: tuple[np.ndar
         return out
     order = np.argsort(rows, kind="stable")
     rs, ps = rows[order], products[order]
-    indptr, idx = exclude
-    P = pvec.shape[0]
-    step = max(1, max_floats // max(P, 1))
+    step = max(1, max_floats // max(pvec.shape[0], 1))
     with torch.no_grad():
-        for start in range(0, uvec.shape[0], batch):
-            stop = min(start + batch, uvec.shape[0])
+        for start, stop, s in masked_scores(uvec, pvec, exclude, batch):
             lo, hi = np.searchsorted(rs, [start, stop])
             if lo == hi:
                 continue
-            s = uvec[start:stop] @ pvec.T
             if item_bias is not None:
                 s += item_bias
-            s[:, 0] = float("-inf")
-            a, b = indptr[start], indptr[stop]
-            if b > a:
-                er = np.repeat(np.arange(stop - start), np.diff(indptr[start : stop + 1]))
-                s[torch.from_numpy(er), torch.from_numpy(idx[a:b])] = float("-inf")
             rl = torch.from_numpy(rs[lo:hi] - start)
             own = s[rl, torch.from_numpy(ps[lo:hi])]
             for c in range(0, hi - lo, step):
@@ -282,7 +274,6 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None, sp
     from towers.checkpoint import load_towers
     from towers.eval_data import build_queries
     from towers.evaluate import all_vectors, user_vectors
-    from towers.full_ranking import topk_excluding
 
     t0 = time.time()
     timings: dict[str, float] = {}

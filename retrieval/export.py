@@ -181,8 +181,8 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None) ->
             counts[kind] = len(idx)
             if kind == "products":
                 with torch.no_grad():
-                    off = model.product_offsets(torch.from_numpy(idx)).float().numpy() if len(idx) else np.zeros(0)
-                save_npy(tmp / "products_offsets.npy", off.astype(np.float32))
+                    off = model.product_offsets(torch.from_numpy(idx)).float().numpy()
+                save_npy(tmp / "products_offsets.npy", off)
         ids, idx = read_vocab(prepared / "vocab" / "users.parquet")
         idx_model = np.where(idx < shape.n_users, idx, 0)
         hp, hs = history_matrix(prepared, idx, width)

@@ -19,8 +19,8 @@ class TwoTowerModel(nn.Module):
     """User, product and seller towers sharing one d-dimensional space.
 
     The score of a (user, product) pair is ``cos(u, p) / temperature + b_p + prior * log_popularity_p``,
-    where ``b_p`` is a learned bias (``item_bias``; else 0) and ``prior`` is 0 while training and then chosen on the validation split
-    (:mod:`towers.popularity_prior`); sellers score ``cos(u, s) / temperature``. The FAISS indexes use
+    where ``b_p`` is a learned bias (``item_bias``; else 0) and ``prior`` is 0 while training and then
+    chosen on the validation split (:mod:`towers.popularity_prior`); sellers score ``cos(u, s) / temperature``. The FAISS indexes use
     the inner product of the same L2-normalised vectors, the product vectors extended by one
     dimension holding :meth:`product_offsets` (and queries by a 1), so ranking by index score equals
     ranking by model score.
