@@ -4,16 +4,24 @@
     python benchmarks/bench_training.py --rows 200000 --steps 30   # smaller tables, quicker
     python benchmarks/bench_training.py --accelerator gpu          # on a GPU (bf16 mixed precision)
 
-Three measurements per batch size, all on the same pre-generated batches (history 20, ids Zipf-like):
+Four measurements per batch size, each in a fresh process, all on the same generated batches
+(history 20, ids Zipf-like):
 
 * ``minimal``: the reference loop of the issue: user id + mean of history item embeddings, item id
-  embedding, in-batch softmax, sparse embeddings + SparseAdam. Not our model: a floor for comparison.
-* ``plain``: our default model and loss (:class:`towers.lit_module.TwoTowerLightning.compute_loss`:
-  mixed in-batch + uniform negatives, logQ, accidental-hit masking) stepped by a hand-written loop.
+  embedding, in-batch softmax, sparse embeddings + ``torch.optim.SparseAdam``, the C library's
+  default allocator. Not our model: the yardstick.
+* ``minimal_retained``: the same loop after :func:`towers.allocator.retain_freed_memory`, which
+  ``recsys train`` calls (``train.retain_freed_memory``): how much of our lead is the allocator.
+* ``plain``: our model and loss (:class:`towers.lit_module.TwoTowerLightning.compute_loss`; by default
+  mixed in-batch + uniform negatives, logQ, accidental-hit masking, three tasks) and our optimizers,
+  stepped by a hand-written loop, with the allocator setting of the config.
 * ``lightning``: the same module trained by ``pl.Trainer.fit`` (manual optimisation, as ``recsys train``).
-  ``lightning / plain`` is Lightning's own overhead. With ``--repeats N`` the two alternate N times
-  (fresh modules, same batches) and the overhead is the median of the N paired ratios, with its
-  range: single runs on a shared 2-core box vary by more than the 5% being measured.
+  ``lightning / plain`` is Lightning's own overhead.
+
+With ``--repeats N`` the four alternate N times and each figure is the median of its N runs (the
+overhead: the median of the N paired ratios, with its range): single runs on a shared 2-core box
+vary by more than the 5% being measured. Each measurement runs in its own process because the
+allocator setting is process-wide and lasting.
 
 and the arrow loader's rows/s over Parquet examples of the same shape (``--loader-rows``), which must
 be well above the training rate. Examples/s are the batch size over the median time from one step's
@@ -26,6 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -33,6 +43,7 @@ import numpy as np
 import torch
 
 from recsys.config import Config, load_config, to_dict
+from towers.allocator import retain_freed_memory
 from towers.lit_module import TwoTowerLightning
 from towers.shapes import TowerShape
 
@@ -169,6 +180,30 @@ def bench_loader(rows: int, batch: int, hist: int) -> float:
         return n / (time.perf_counter() - t)
 
 
+PARTS = ("minimal", "minimal_retained", "plain", "lightning")
+
+
+def measure(part: str, a: argparse.Namespace, bs: int) -> float:
+    """Examples/s of one ``part`` at batch size ``bs`` (call in a fresh process: see the module doc)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    cfg = load_config(None, a.overrides)
+    if part == "minimal_retained" or (part in ("plain", "lightning") and cfg.train.retain_freed_memory):
+        retain_freed_memory()
+    batches = make_batches(a.steps + a.warmup, bs, a.rows, a.history)
+    if part.startswith("minimal"):
+        return bench_minimal(a.rows, cfg.model.dim, batches, a.warmup)
+    if part == "plain":
+        return bench_plain(a.rows, cfg, batches, a.warmup)
+    return bench_lightning(a.rows, cfg, batches, a.warmup, a.accelerator)
+
+
+def _in_subprocess(part: str, bs: int) -> float:
+    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--part", part, "--batch-sizes", str(bs)],
+                         check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["ex_s"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the user and product tables")
@@ -179,37 +214,38 @@ def main() -> None:
     ap.add_argument("--loader-rows", type=int, default=500_000)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
     ap.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
-    ap.add_argument("--repeats", type=int, default=1, help="alternate plain and Lightning this many times")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate the measurements this many times")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override, e.g. train.num_negatives=0 (default: the default config)")
+    ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # one measurement (internal)
     a = ap.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    if a.part:
+        print(json.dumps({"ex_s": measure(a.part, a, a.batch_sizes[0])}), flush=True)
+        return
     cfg = load_config(None, a.overrides)
-    results = []
+    parts = PARTS if a.accelerator == "cpu" else ("lightning",)
     for bs in a.batch_sizes:
-        batches = make_batches(a.steps + a.warmup, bs, a.rows, a.history)
-        r = {"batch_size": bs, "rows": a.rows, "history": a.history, "threads": torch.get_num_threads(),
-             "negatives": cfg.train.num_negatives, "task_weights": cfg.train.task_weights}
-        if a.accelerator == "cpu":
-            r["minimal_ex_s"] = round(bench_minimal(a.rows, cfg.model.dim, batches, a.warmup))
-        plain, light = [], []
+        runs: dict[str, list[float]] = {p: [] for p in parts}
         for _ in range(max(1, a.repeats)):
-            if a.accelerator == "cpu":
-                plain.append(bench_plain(a.rows, cfg, batches, a.warmup))
-            light.append(bench_lightning(a.rows, cfg, batches, a.warmup, a.accelerator))
-        r["lightning_ex_s"] = round(float(np.median(light)))
-        if plain:
-            r["plain_ex_s"] = round(float(np.median(plain)))
+            for p in parts:
+                runs[p].append(_in_subprocess(p, bs))
+        r = {"batch_size": bs, "rows": a.rows, "history": a.history, "threads": a.threads or os.cpu_count(),
+             "negatives": cfg.train.num_negatives, "task_weights": cfg.train.task_weights,
+             "retain_freed_memory": cfg.train.retain_freed_memory}
+        for p in parts:
+            r[f"{p}_ex_s"] = round(float(np.median(runs[p])))
+        if a.accelerator == "cpu":
+            light, plain = runs["lightning"], runs["plain"]
+            r["lightning_vs_minimal"] = round(r["lightning_ex_s"] / r["minimal_ex_s"], 2)
+            r["lightning_vs_minimal_retained"] = round(r["lightning_ex_s"] / r["minimal_retained_ex_s"], 2)
             # overhead > 0: Lightning is slower than the plain loop on the same module and batches
             ratios = [100 * (p / q - 1) for p, q in zip(plain, light, strict=True)]
             r["lightning_overhead_pct"] = round(float(np.median(ratios)), 1)
             if len(ratios) > 1:
                 r["lightning_overhead_pct_range"] = [round(min(ratios), 1), round(max(ratios), 1)]
-                r["plain_runs_ex_s"] = [round(x) for x in plain]
-                r["lightning_runs_ex_s"] = [round(x) for x in light]
+                for p in parts:
+                    r[f"{p}_runs_ex_s"] = [round(x) for x in runs[p]]
         r["loader_rows_s"] = round(bench_loader(a.loader_rows, bs, a.history))
-        results.append(r)
         print(json.dumps(r), flush=True)
 
 

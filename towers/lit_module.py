@@ -12,6 +12,7 @@ from towers.full_ranking import topk_excluding
 from towers.history_horizon import hide_latest
 from towers.losses import log_expected_count, sampled_softmax_loss, uniform_negatives
 from towers.metrics import hits_matrix, ranking_metrics
+from towers.row_sparse_adam import RowSparseAdam
 from towers.shapes import TowerShape
 from towers.two_tower import TwoTowerModel
 
@@ -210,7 +211,7 @@ class TwoTowerLightning(pl.LightningModule):
         opts = []
         sparse = self.model.sparse_parameters()
         if sparse:
-            opts.append(torch.optim.SparseAdam(sparse, lr=float(cfg["lr_sparse"])))
+            opts.append(RowSparseAdam(sparse, lr=float(cfg["lr_sparse"])))
         dense = self.model.dense_parameters()
         if dense:
             lr = float(cfg["lr_dense"]) if sparse else float(cfg["lr_sparse"])

@@ -16,6 +16,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from recsys.artifacts import atomic_artifact, read_manifest
 from recsys.config import Config, fingerprint, to_dict
 from towers import tracking
+from towers.allocator import retain_freed_memory
 from towers.catalog import load_catalog
 from towers.checkpoint import save_towers
 from towers.datamodule import TowerDataModule
@@ -98,6 +99,8 @@ def run(
     prep_manifest = read_manifest(prepared)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.train.num_threads or max(1, os.cpu_count() or 1))
+    if cfg.train.retain_freed_memory:
+        retain_freed_memory()
     catalog = load_catalog(prepared)
     shape = tower_shape(cfg, catalog)
     tcfg = to_dict(cfg.train)
