@@ -27,6 +27,7 @@ def test_loss_matches_hand_computed_softmax() -> None:
 def test_accidental_hits_are_masked() -> None:
     q = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     p = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    p[1] = p[0]  # a tower gives one vector per id
     ids = torch.tensor([7, 7, 9])  # rows 0 and 1 share a positive: neither is the other's negative
     masked = sampled_softmax_loss(q, p, ids, 1.0)
     logits = q @ p.T
@@ -147,18 +148,30 @@ def test_loss_with_negatives_corrections_and_invalid_rows_matches_reference() ->
     assert torch.allclose(got, _reference_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, valid), atol=1e-5)
 
 
-def test_loss_and_gradients_match_reference_with_many_hits() -> None:
-    # few distinct ids: most candidates collide with some row's positive (hits masked by index)
-    g = torch.Generator().manual_seed(5)
-    q, p, neg = (torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1).requires_grad_() for n in (12, 12, 9))
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_loss_and_gradients_match_reference_with_many_hits(seed: int) -> None:
+    # Few distinct ids: most in-batch candidates repeat (merged into one column with a log-count
+    # shift) and many negatives collide with some row's positive (masked by index). The positives'
+    # vectors and corrections come from per-id tables, as from a tower.
+    g = torch.Generator().manual_seed(seed)
+    q, neg = (torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1).requires_grad_() for n in (12, 9))
+    table = torch.randn(6, 4, generator=g).requires_grad_()
+    id_corr = torch.randn(6, generator=g)
     pid, nid = torch.randint(1, 5, (12,), generator=g), torch.randint(1, 5, (9,), generator=g)
-    pc, nc, w = torch.randn(12, generator=g), torch.randn(9, generator=g), torch.rand(12, generator=g)
+    nc, w = torch.randn(9, generator=g), torch.rand(12, generator=g)
     valid = torch.rand(12, generator=g) > 0.25
-    got = sampled_softmax_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, True, valid)
-    want = _reference_loss(q, p, pid, 0.2, neg, nid, pc, nc, w, valid)
+    valid[pid == pid[0]] = False  # an id none of whose rows is valid: its column is masked for everyone
+    p = torch.nn.functional.normalize(table[pid], dim=-1)
+    got = sampled_softmax_loss(q, p, pid, 0.2, neg, nid, id_corr[pid], nc, w, True, valid)
+    want = _reference_loss(q, p, pid, 0.2, neg, nid, id_corr[pid], nc, w, valid)
     assert torch.allclose(got, want, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(got, (q, p, neg)), torch.autograd.grad(want, (q, p, neg)), strict=True):
+    grads = torch.autograd.grad(got, (q, table, neg), retain_graph=True)  # p is shared with the reference
+    for a, b in zip(grads, torch.autograd.grad(want, (q, table, neg), retain_graph=True), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+    # without validity: the plain merged-duplicates case
+    all_rows = torch.ones(12, dtype=torch.bool)
+    got = sampled_softmax_loss(q, p, pid, 0.2, neg, nid, id_corr[pid], nc, w, True)
+    assert torch.allclose(got, _reference_loss(q, p, pid, 0.2, neg, nid, id_corr[pid], nc, w, all_rows), atol=1e-5)
 
 
 def test_repeat_positives_are_reweighted() -> None:

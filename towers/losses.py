@@ -44,6 +44,14 @@ def sampled_softmax_loss(
     :func:`log_expected_count`), and candidates equal to the row's positive are masked
     (accidental hits), so a popular item is not pushed away from users who like it.
 
+    With ``remove_accidental_hits`` the in-batch candidates are merged by id: an id that is the
+    positive of c rows becomes one column whose logit is raised by log c (c equal terms of the
+    softmax denominator), except in those rows' own loss, where its other copies are accidental
+    hits and only the row's own copy counts. This is the same loss and the same gradients as c
+    masked columns (``tests/test_towers.py``) with fewer columns: popular items repeat within a
+    batch. It needs what every tower gives: ``pos`` and ``pos_correction`` are functions of
+    ``pos_ids`` (rows with one id have one vector).
+
     Args:
         query: [B, d] unit vectors.
         pos: [B, d] unit vectors of the positives.
@@ -62,30 +70,43 @@ def sampled_softmax_loss(
     """
     B = query.shape[0]
     has_neg = neg is not None and neg.shape[0] > 0
-    # One [B, B + M] matrix, built with as few passes over it as possible: the temperature scales
+    rows = torch.arange(B, device=query.device)
+    if remove_accidental_hits:
+        uniq, inv = torch.unique(pos_ids, return_inverse=True)
+        first = torch.full(uniq.shape, B, dtype=torch.long, device=query.device).scatter_reduce_(0, inv, rows, "amin")
+        members = torch.ones(B, device=query.device) if valid is None else valid.to(query.dtype)
+        count = torch.zeros(uniq.shape[0], device=query.device).index_add_(0, inv, members)
+        in_batch, target = pos[first], inv
+        # Columns without a valid row must not act as candidates; the others count c times.
+        col_shift = torch.where(count > 0, count.clamp_min(1).log(), torch.full_like(count, _MASK))
+        if pos_correction is not None:
+            col_shift = col_shift - pos_correction[first]
+    else:
+        in_batch, target = pos, rows
+        col_shift = None if pos_correction is None else -pos_correction
+        if valid is not None:
+            mask = torch.zeros(B, device=query.device).masked_fill_(~valid, _MASK)
+            col_shift = mask if col_shift is None else col_shift + mask
+    # One [B, C + M] matrix, built with as few passes over it as possible: the temperature scales
     # the [B, d] queries (not the logits), candidates are concatenated before the product, and the
     # corrections and masks are applied in place. This is the hot path of a CPU training step.
-    cands = torch.cat([pos, neg]) if has_neg else pos
+    cands = torch.cat([in_batch, neg]) if has_neg else in_batch
     logits = (query / temperature) @ cands.T
-    if pos_correction is not None:
-        corr = torch.cat([pos_correction, neg_correction]) if has_neg and neg_correction is not None else pos_correction
-        if corr.shape[0] == logits.shape[1]:
-            logits.sub_(corr.unsqueeze(0))
-        else:  # corrections for the in-batch part only
-            logits[:, :B].sub_(corr.unsqueeze(0))
-    elif has_neg and neg_correction is not None:
-        logits[:, B:].sub_(neg_correction.unsqueeze(0))
-    # Masks are applied by index, not as a [B, B + M] boolean matrix: hits are rare, and building
-    # and applying the dense mask took 13% of a default CPU training step.
+    C = in_batch.shape[0]
+    if has_neg and neg_correction is not None:
+        shift = torch.cat([col_shift, -neg_correction]) if col_shift is not None else torch.cat(
+            [torch.zeros(C, device=query.device), -neg_correction]
+        )
+        logits.add_(shift.unsqueeze(0))
+    elif col_shift is not None:
+        logits[:, :C].add_(col_shift.unsqueeze(0))
     if remove_accidental_hits:
-        ids = torch.cat([pos_ids, neg_ids]) if has_neg and neg_ids is not None else pos_ids
-        rows, cols = _hits(pos_ids, ids)
-        logits[rows, cols] = _MASK
-    if valid is not None:
-        # Rows that do not take part must not act as candidates either (their own row is
-        # excluded from the loss by its zero weight below). A [B, B] fill: no host sync on a GPU.
-        logits[:, :B].masked_fill_(~valid.unsqueeze(0), _MASK)
-    target = torch.arange(B, device=query.device)
+        # the row's own column: one copy of its positive (log c undone; masked-invalid stays masked)
+        own = count[inv].clamp_min(1).log()
+        logits[rows, inv] -= own
+        if has_neg and neg_ids is not None:
+            r, c = _hits(pos_ids, neg_ids)
+            logits[r, C + c] = _MASK
     loss = F.cross_entropy(logits.float(), target, reduction="none")
     w = weights.float() if weights is not None else torch.ones_like(loss)
     if valid is not None:
@@ -94,11 +115,11 @@ def sampled_softmax_loss(
 
 
 def _hits(pos_ids: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (row, candidate) pair with ``pos_ids[row] == ids[candidate]``, but each row's own positive (candidate = row).
+    """Every (row, candidate) pair with ``pos_ids[row] == ids[candidate]``.
 
     Args:
-        pos_ids: [B] the rows' positive ids (also candidates 0..B-1).
-        ids: [C] all candidate ids, C >= B.
+        pos_ids: [B] the rows' positive ids.
+        ids: [C] candidate ids.
     Returns:
         ``(rows, cols)``, two [H] int64 index tensors.
     """
@@ -109,9 +130,7 @@ def _hits(pos_ids: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch
     rows = torch.repeat_interleave(torch.arange(B, device=ids.device), counts)
     starts = torch.cumsum(counts, 0) - counts
     within = torch.arange(rows.shape[0], device=ids.device) - torch.repeat_interleave(starts - lo, counts)
-    cols = order[within]
-    keep = cols != rows
-    return rows[keep], cols[keep]
+    return rows, order[within]
 
 
 def uniform_negatives(n: int, n_items: int, generator: torch.Generator | None, device) -> torch.Tensor:
