@@ -54,3 +54,24 @@ def test_no_grad_and_all_masked() -> None:
     torch.testing.assert_close(out, _reference(table.weight.detach(), idx, idx > 0))
     empty = ragged_mean(table, idx, torch.zeros_like(idx, dtype=torch.bool))
     assert empty.shape == (2, 4) and torch.all(empty == 0)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_several_weightings_share_one_lookup(sparse: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    table = embedding(30, 5, sparse=sparse)
+    idx = torch.randint(1, 9, (4, 6), generator=g)
+    mask = torch.rand(4, 6, generator=g) > 0.25
+    raw = torch.rand(2, 4, 6, generator=g) + 0.1
+    w, w_ref = raw.clone().requires_grad_(True), raw.clone().requires_grad_(True)
+    up = torch.randn(2, 4, 5, generator=g)
+    out = ragged_mean(table, idx, mask, weights=w)
+    assert out.shape == (2, 4, 5)
+    (out * up).sum().backward()
+    ref_weight = table.weight.detach().clone().requires_grad_(True)
+    ref = torch.stack([_reference(ref_weight, idx, mask, w_ref[k]) for k in range(2)])
+    (ref * up).sum().backward()
+    torch.testing.assert_close(out, ref)
+    grad = table.weight.grad
+    torch.testing.assert_close(grad.to_dense() if sparse else grad, ref_weight.grad)
+    torch.testing.assert_close(w.grad, w_ref.grad)

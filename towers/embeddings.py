@@ -33,41 +33,47 @@ def ragged_mean(
     """Mean (or ``weights``-weighted mean) of ``table`` rows over the unmasked entries of each row of ``idx``.
 
     Pools with :class:`PooledRows`: each distinct id is looked up once, no [B, L, d] tensor is
-    materialised, and the table's gradient has one row per distinct id.
+    materialised, and the table's gradient has one row per distinct id. Several weightings of the
+    same entries (``weights`` [P, B, L]) share one lookup.
 
     Args:
         table: the embedding table.
         idx: [B, L] int64 ids.
         mask: [B, L] bool, the entries to pool.
-        denom: [B] the divisor (default: the number, or with ``weights`` the total weight, of the
-            row's entries).
-        weights: [B, L] non-negative float weights (differentiable), or None for equal weights.
+        denom: [B] (or [P, B]) the divisor (default: the number, or with ``weights`` the total
+            weight, of the row's entries).
+        weights: [B, L] or [P, B, L] non-negative float weights (differentiable), or None for equal weights.
 
     Returns:
-        [B, d]; zeros for rows without entries.
+        [B, d] (or [P, B, d] with [P, B, L] weights); zeros for rows without entries.
     """
+    profiles = weights is not None and weights.dim() == 3
+    w3 = None if weights is None else (weights if profiles else weights.unsqueeze(0))
+    P = 1 if w3 is None else w3.shape[0]
     counts = mask.sum(1)
     flat = idx[mask]
     if flat.numel() == 0:
-        return torch.zeros(idx.shape[0], table.embedding_dim, device=idx.device, dtype=table.weight.dtype)
-    w = None if weights is None else weights[mask].to(table.weight.dtype)
+        out = torch.zeros(P, idx.shape[0], table.embedding_dim, device=idx.device, dtype=table.weight.dtype)
+        return out if profiles else out[0]
+    w = None if w3 is None else w3[:, mask].to(table.weight.dtype)
     summed = PooledRows.apply(table.weight, flat, counts, w, bool(table.sparse))
     if denom is None:
-        denom = counts if weights is None else (weights * mask).sum(1)
-    d = denom.unsqueeze(1).to(summed.dtype)
-    return summed / (d.clamp_min(1) if weights is None else d.clamp_min(1e-12))
+        denom = counts.unsqueeze(0) if w3 is None else (w3 * mask).sum(-1)
+    d = denom.reshape(-1, idx.shape[0], 1).to(summed.dtype)
+    out = summed / (d.clamp_min(1) if weights is None else d.clamp_min(1e-12))
+    return out if profiles else out[0]
 
 
 class PooledRows(torch.autograd.Function):
     """Per-bag (weighted) sums of table rows, with a backward that is one more ``embedding_bag``.
 
     Forward: sort the ids once, look each distinct id up once and sum the rows of each bag with
-    ``embedding_bag``. Backward: the table's gradient rows are the bags' output gradients summed
-    per distinct id, which is again an ``embedding_bag`` (over the entries sorted by id, which the
-    forward already has), returned as a coalesced row-sparse tensor for a sparse table. Autograd
-    through ``embedding`` + ``embedding_bag`` computes the same numbers (``tests/test_towers.py``)
-    but sorts the ids a second time and scatters entry by entry; this took a third of the time of
-    a pooled lookup in a CPU training step's history pooling.
+    ``embedding_bag`` (once per weighting). Backward: the table's gradient rows are the bags'
+    output gradients summed per distinct id, which is again an ``embedding_bag`` (over the
+    entries sorted by id, which the forward already has), returned as a coalesced row-sparse
+    tensor for a sparse table. Autograd through ``embedding`` + ``embedding_bag`` computes the same
+    numbers (``tests/test_pooled_rows.py``) but sorts the ids again in the backward and scatters
+    entry by entry.
     """
 
     @staticmethod
@@ -76,10 +82,10 @@ class PooledRows(torch.autograd.Function):
             weight: [N, d] the table.
             flat: [E] int64 ids, bag by bag.
             counts: [B] int64 entries per bag (sum E).
-            entry_weights: [E] float weights, or None.
+            entry_weights: [P, E] float weights (P weightings of the same entries), or None (P = 1).
             sparse: return a sparse COO gradient for ``weight``.
         Returns:
-            [B, d] the per-bag sums.
+            [P, B, d] the per-bag sums.
         """
         ids, order = torch.sort(flat)
         uniq, per_id = torch.unique_consecutive(ids, return_counts=True)
@@ -88,9 +94,10 @@ class PooledRows(torch.autograd.Function):
         inv[order] = torch.repeat_interleave(torch.arange(uniq.shape[0], device=flat.device), per_id)
         rows = weight.index_select(0, uniq)
         offsets = torch.cumsum(counts, 0) - counts
-        out = F.embedding_bag(inv, rows, offsets, mode="sum", per_sample_weights=entry_weights)
+        ws = [None] if entry_weights is None else list(entry_weights)
+        out = torch.stack([F.embedding_bag(inv, rows, offsets, mode="sum", per_sample_weights=w) for w in ws])
         bag = torch.repeat_interleave(torch.arange(counts.shape[0], device=flat.device), counts)
-        w_sorted = None if entry_weights is None else entry_weights[order]
+        w_sorted = None if entry_weights is None else entry_weights[:, order]
         ctx.save_for_backward(uniq, id_starts, bag[order], w_sorted, rows, inv, bag)
         ctx.weight_shape = weight.shape
         ctx.sparse = sparse
@@ -102,7 +109,10 @@ class PooledRows(torch.autograd.Function):
         grad_weight = grad_w = None
         grad_out = grad_out.contiguous()
         if ctx.needs_input_grad[0]:
-            g_rows = F.embedding_bag(bag_sorted, grad_out, id_starts, mode="sum", per_sample_weights=w_sorted)
+            ws = [None] * grad_out.shape[0] if w_sorted is None else list(w_sorted)
+            g_rows = F.embedding_bag(bag_sorted, grad_out[0], id_starts, mode="sum", per_sample_weights=ws[0])
+            for g, w in zip(grad_out[1:], ws[1:], strict=True):
+                g_rows = g_rows + F.embedding_bag(bag_sorted, g, id_starts, mode="sum", per_sample_weights=w)
             if ctx.sparse:
                 grad_weight = torch.sparse_coo_tensor(
                     uniq.unsqueeze(0), g_rows, ctx.weight_shape, is_coalesced=True, check_invariants=False
@@ -111,5 +121,6 @@ class PooledRows(torch.autograd.Function):
                 grad_weight = torch.zeros(ctx.weight_shape, dtype=g_rows.dtype, device=g_rows.device)
                 grad_weight.index_copy_(0, uniq, g_rows)
         if ctx.needs_input_grad[3]:
-            grad_w = (rows[inv] * grad_out[bag]).sum(-1)
+            entry_rows = rows[inv]
+            grad_w = torch.stack([(entry_rows * g[bag]).sum(-1) for g in grad_out])
         return grad_weight, None, None, grad_w, None

@@ -58,15 +58,14 @@ class UserTower(nn.Module):
         mask = hist_products > 0
         use_sellers = self.seller_ids is not None and hist_sellers is not None
         if self.history.pooling in ("mean", "recency", "short_long"):
-            parts = []
-            profiles = self.history.recency_weights(mask) if self.history.pooling != "mean" else [None]
-            for w in profiles:
-                part = ragged_mean(self.product_ids, hist_products, mask, weights=w)
-                if use_sellers:
-                    denom = mask.sum(1) if w is None else w.sum(1)
-                    part = part + 0.5 * ragged_mean(self.seller_ids, hist_sellers, mask & (hist_sellers > 0), denom, w)
-                parts.append(part)
-            pooled = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+            # [P, B, L] recency weights of the P profiles (one lookup serves all), or None: the mean
+            w = self.history.recency_weights(mask) if self.history.pooling != "mean" else None
+            pooled = ragged_mean(self.product_ids, hist_products, mask, weights=w)
+            if use_sellers:
+                denom = mask.sum(1) if w is None else w.sum(-1)
+                pooled = pooled + 0.5 * ragged_mean(self.seller_ids, hist_sellers, mask & (hist_sellers > 0), denom, w)
+            if w is not None:
+                pooled = torch.cat(list(pooled), dim=-1)
         else:
             items = self.product_ids(hist_products)
             if use_sellers:
