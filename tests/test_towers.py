@@ -156,17 +156,18 @@ def test_loss_and_gradients_match_reference_with_many_hits(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     q, neg = (torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1).requires_grad_() for n in (12, 9))
     table = torch.randn(6, 4, generator=g).requires_grad_()
-    id_corr = torch.randn(6, generator=g)
+    id_corr = torch.randn(6, generator=g).requires_grad_()  # learned, as with model.item_bias
     pid, nid = torch.randint(1, 5, (12,), generator=g), torch.randint(1, 5, (9,), generator=g)
-    nc, w = torch.randn(9, generator=g), torch.rand(12, generator=g)
+    nc, w = torch.randn(9, generator=g).requires_grad_(), torch.rand(12, generator=g)
     valid = torch.rand(12, generator=g) > 0.25
     valid[pid == pid[0]] = False  # an id none of whose rows is valid: its column is masked for everyone
     p = torch.nn.functional.normalize(table[pid], dim=-1)
     got = sampled_softmax_loss(q, p, pid, 0.2, neg, nid, id_corr[pid], nc, w, True, valid)
     want = _reference_loss(q, p, pid, 0.2, neg, nid, id_corr[pid], nc, w, valid)
     assert torch.allclose(got, want, atol=1e-5)
-    grads = torch.autograd.grad(got, (q, table, neg), retain_graph=True)  # p is shared with the reference
-    for a, b in zip(grads, torch.autograd.grad(want, (q, table, neg), retain_graph=True), strict=True):
+    inputs = (q, table, neg, id_corr, nc)
+    grads = torch.autograd.grad(got, inputs, retain_graph=True)  # p is shared with the reference
+    for a, b in zip(grads, torch.autograd.grad(want, inputs, retain_graph=True), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     # without validity: the plain merged-duplicates case
     all_rows = torch.ones(12, dtype=torch.bool)

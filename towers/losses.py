@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 _MASK = -1e9
 
@@ -87,31 +86,75 @@ def sampled_softmax_loss(
         if valid is not None:
             mask = torch.zeros(B, device=query.device).masked_fill_(~valid, _MASK)
             col_shift = mask if col_shift is None else col_shift + mask
-    # One [B, C + M] matrix, built with as few passes over it as possible: the temperature scales
-    # the [B, d] queries (not the logits), candidates are concatenated before the product, and the
-    # corrections and masks are applied in place. This is the hot path of a CPU training step.
     cands = torch.cat([in_batch, neg]) if has_neg else in_batch
-    logits = (query / temperature) @ cands.T
     C = in_batch.shape[0]
     if has_neg and neg_correction is not None:
-        shift = torch.cat([col_shift, -neg_correction]) if col_shift is not None else torch.cat(
-            [torch.zeros(C, device=query.device), -neg_correction]
-        )
-        logits.add_(shift.unsqueeze(0))
-    elif col_shift is not None:
-        logits[:, :C].add_(col_shift.unsqueeze(0))
+        base = col_shift if col_shift is not None else torch.zeros(C, device=query.device)
+        col_shift = torch.cat([base, -neg_correction])
+    elif has_neg and col_shift is not None:
+        col_shift = torch.cat([col_shift, torch.zeros(cands.shape[0] - C, device=query.device)])
+    edits = None
     if remove_accidental_hits:
         # the row's own column: one copy of its positive (log c undone; masked-invalid stays masked)
-        own = count[inv].clamp_min(1).log()
-        logits[rows, inv] -= own
+        er, ec, ev = [rows], [inv], [-count[inv].clamp_min(1).log()]
         if has_neg and neg_ids is not None:
             r, c = _hits(pos_ids, neg_ids)
-            logits[r, C + c] = _MASK
-    loss = F.cross_entropy(logits.float(), target, reduction="none")
-    w = weights.float() if weights is not None else torch.ones_like(loss)
+            er.append(r)
+            ec.append(C + c)
+            ev.append(torch.full(r.shape, _MASK, device=query.device))
+        edits = (torch.cat(er), torch.cat(ec), torch.cat(ev))
+    w = weights.float() if weights is not None else torch.ones(B, device=query.device)
     if valid is not None:
         w = w * valid.float()
-    return (loss * w).sum() / w.sum().clamp_min(1e-8)
+    w = (w / w.sum().clamp_min(1e-8)).detach()
+    return _SoftmaxCrossEntropy.apply(query / temperature, cands, col_shift, target, edits, w)
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """``sum_i w_i * CE(q_i . cands + col_shift + edits, target_i)`` with its [B, C] logit matrix
+    kept inside.
+
+    The logits are a training step's largest tensor, and each pass over them is memory bound:
+    autograd through matmul, in-place shifts, indexed edits and ``cross_entropy`` made about a dozen
+    passes (copies for the indexed edits' backward, zeros for the NLL's). Here the forward is the
+    matrix product, one shift, the sparse edits and a log-sum-exp; the backward turns the same
+    buffer into the softmax gradient in place and multiplies it back.
+    """
+
+    @staticmethod
+    def forward(ctx, q, cands, col_shift, target, edits, w):
+        """Args:
+            q: [B, d] queries (already divided by the temperature).
+            cands: [C, d] candidates.
+            col_shift: [C] added to every row's logits (corrections, log counts, masks), or None.
+            target: [B] int64 column of each row's positive.
+            edits: (rows [E], cols [E], values [E]) added at single positions, or None.
+            w: [B] row weights (summing to 1 over the rows that count).
+        Returns:
+            scalar loss.
+        """
+        x = (q @ cands.T).float()
+        if col_shift is not None:
+            x.add_(col_shift.unsqueeze(0))
+        if edits is not None:
+            x.index_put_((edits[0], edits[1]), edits[2].to(x.dtype), accumulate=True)
+        lse = torch.logsumexp(x, 1)
+        picked = x.gather(1, target.unsqueeze(1)).squeeze(1)
+        ctx.save_for_backward(q, cands, x, lse, target, w)
+        return ((lse - picked) * w).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, cands, x, lse, target, w = ctx.saved_tensors
+        g = (w * grad).unsqueeze(1)
+        # softmax(x) * g - onehot(target) * g, written over x (not needed after this)
+        p = x.sub_(lse.unsqueeze(1)).exp_().mul_(g)
+        p.scatter_add_(1, target.unsqueeze(1), -g)
+        pg = p.to(q.dtype)
+        grad_q = pg @ cands if ctx.needs_input_grad[0] else None
+        grad_c = pg.T @ q if ctx.needs_input_grad[1] else None
+        grad_shift = p.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_q, grad_c, grad_shift, None, None, None
 
 
 def _hits(pos_ids: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
