@@ -16,12 +16,12 @@ Four measurements per batch size, each in a fresh process, all on the same gener
   mixed in-batch + uniform negatives, logQ, accidental-hit masking, three tasks) and our optimizers,
   stepped by a hand-written loop, with the allocator setting of the config.
 * ``lightning``: the same module trained by ``pl.Trainer.fit`` (manual optimisation, as ``recsys train``).
-  ``lightning / plain`` is Lightning's own overhead.
+  ``lightning / plain`` is Lightning's own overhead; the two run one after the other in one process.
 
 With ``--repeats N`` the four alternate N times and each figure is the median of its N runs (the
 overhead: the median of the N paired ratios, with its range): single runs on a shared 2-core box
-vary by more than the 5% being measured. Each measurement runs in its own process because the
-allocator setting is process-wide and lasting.
+vary by more than the 5% being measured. Each minimal loop, and each plain + Lightning pair, runs in
+its own process because the allocator setting is process-wide and lasting.
 
 and the arrow loader's rows/s over Parquet examples of the same shape (``--loader-rows``), which must
 be well above the training rate. Examples/s are the batch size over the median time from one step's
@@ -180,28 +180,34 @@ def bench_loader(rows: int, batch: int, hist: int) -> float:
         return n / (time.perf_counter() - t)
 
 
-PARTS = ("minimal", "minimal_retained", "plain", "lightning")
+PARTS = ("minimal", "minimal_retained", "ours")
 
 
-def measure(part: str, a: argparse.Namespace, bs: int) -> float:
-    """Examples/s of one ``part`` at batch size ``bs`` (call in a fresh process: see the module doc)."""
+def measure(part: str, a: argparse.Namespace, bs: int) -> dict[str, float]:
+    """Examples/s of one ``part`` at batch size ``bs``: ``{name: ex/s}`` (call in a fresh process).
+
+    ``ours`` measures the plain loop and then Lightning in the same process on the same batches
+    (fresh modules each), so their ratio is not blurred by differences between processes.
+    """
     torch.manual_seed(0)
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     cfg = load_config(None, a.overrides)
-    if part == "minimal_retained" or (part in ("plain", "lightning") and cfg.train.retain_freed_memory):
+    if part == "minimal_retained" or (part == "ours" and cfg.train.retain_freed_memory):
         retain_freed_memory()
     batches = make_batches(a.steps + a.warmup, bs, a.rows, a.history)
     if part.startswith("minimal"):
-        return bench_minimal(a.rows, cfg.model.dim, batches, a.warmup)
-    if part == "plain":
-        return bench_plain(a.rows, cfg, batches, a.warmup)
-    return bench_lightning(a.rows, cfg, batches, a.warmup, a.accelerator)
+        return {part: bench_minimal(a.rows, cfg.model.dim, batches, a.warmup)}
+    out = {}
+    if a.accelerator == "cpu":
+        out["plain"] = bench_plain(a.rows, cfg, batches, a.warmup)
+    out["lightning"] = bench_lightning(a.rows, cfg, batches, a.warmup, a.accelerator)
+    return out
 
 
-def _in_subprocess(part: str, bs: int) -> float:
+def _in_subprocess(part: str, bs: int) -> dict[str, float]:
     out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--part", part, "--batch-sizes", str(bs)],
                          check=True, capture_output=True, text=True).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["ex_s"])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -220,20 +226,21 @@ def main() -> None:
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # one measurement (internal)
     a = ap.parse_args()
     if a.part:
-        print(json.dumps({"ex_s": measure(a.part, a, a.batch_sizes[0])}), flush=True)
+        print(json.dumps(measure(a.part, a, a.batch_sizes[0])), flush=True)
         return
     cfg = load_config(None, a.overrides)
-    parts = PARTS if a.accelerator == "cpu" else ("lightning",)
+    parts = PARTS if a.accelerator == "cpu" else ("ours",)
     for bs in a.batch_sizes:
-        runs: dict[str, list[float]] = {p: [] for p in parts}
+        runs: dict[str, list[float]] = {}
         for _ in range(max(1, a.repeats)):
             for p in parts:
-                runs[p].append(_in_subprocess(p, bs))
+                for name, v in _in_subprocess(p, bs).items():
+                    runs.setdefault(name, []).append(v)
         r = {"batch_size": bs, "rows": a.rows, "history": a.history, "threads": a.threads or os.cpu_count(),
              "negatives": cfg.train.num_negatives, "task_weights": cfg.train.task_weights,
              "retain_freed_memory": cfg.train.retain_freed_memory}
-        for p in parts:
-            r[f"{p}_ex_s"] = round(float(np.median(runs[p])))
+        for name, v in runs.items():
+            r[f"{name}_ex_s"] = round(float(np.median(v)))
         if a.accelerator == "cpu":
             light, plain = runs["lightning"], runs["plain"]
             r["lightning_vs_minimal"] = round(r["lightning_ex_s"] / r["minimal_ex_s"], 2)
@@ -243,8 +250,8 @@ def main() -> None:
             r["lightning_overhead_pct"] = round(float(np.median(ratios)), 1)
             if len(ratios) > 1:
                 r["lightning_overhead_pct_range"] = [round(min(ratios), 1), round(max(ratios), 1)]
-                for p in parts:
-                    r[f"{p}_runs_ex_s"] = [round(x) for x in runs[p]]
+                for name, v in runs.items():
+                    r[f"{name}_runs_ex_s"] = [round(x) for x in v]
         r["loader_rows_s"] = round(bench_loader(a.loader_rows, bs, a.history))
         print(json.dumps(r), flush=True)
 

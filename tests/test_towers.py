@@ -358,3 +358,27 @@ def test_history_horizon_hides_the_same_latest_slots_of_products_and_sellers() -
         lengths.add(int(n[0]))
         assert 1 <= int(n[1]) <= 2
     assert lengths == {3, 4, 5, 6, 7, 8}  # floor(u * 0.75 * 8), u in [0, 1), hides 0..5 of 8
+
+
+def test_loss_and_gradients_under_bf16_autocast_are_close_to_fp32() -> None:
+    # bf16 mixed precision (train.precision on a GPU) runs the logit product in bf16; the softmax
+    # and the gradients stay fp32. Checked here with CPU autocast, which takes the same path.
+    g = torch.Generator().manual_seed(11)
+    q = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=-1).requires_grad_()
+    table = torch.randn(7, 8, generator=g).requires_grad_()
+    pid, nid = torch.randint(1, 6, (16,), generator=g), torch.randint(1, 7, (10,), generator=g)
+    corr, nc = torch.randn(7, generator=g), torch.randn(10, generator=g)
+
+    def loss_and_grads():
+        p = torch.nn.functional.normalize(table[pid], dim=-1)
+        neg = torch.nn.functional.normalize(table[nid], dim=-1)
+        loss = sampled_softmax_loss(q, p, pid, 0.1, neg, nid, corr[pid], nc)
+        return loss, torch.autograd.grad(loss, (q, table))
+
+    want, want_grads = loss_and_grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_grads = loss_and_grads()
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=0.02)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, atol=0.05 * b.abs().max().item())

@@ -93,37 +93,38 @@ class TwoTowerLightning(pl.LightningModule):
             weights = torch.where(repeat, weights * rw, weights)
         u = m.user_vectors(batch)
         pid = batch["product_idx"]
-        p = m.product_vectors(pid)
         M = int(cfg["num_negatives"])
         B = pid.shape[0]
         use_logq = bool(cfg["logq_correction"])
         hits = bool(cfg["remove_accidental_hits"])
         neg_ids = uniform_negatives(M, self.tshape.n_products, self._gen, self.device)
+        # One pass through the product tower for positives and negatives: each lookup of a table
+        # adds one more sparse gradient for autograd to concatenate (a copy of all before it).
+        p, p_neg = m.product_vectors(torch.cat([pid, neg_ids])).split([B, len(neg_ids)])
         pc = nc = None
         if use_logq:
             pc = log_expected_count(self.product_logq[pid], B, len(neg_ids), self.tshape.n_products - 1)
             nc = log_expected_count(self.product_logq[neg_ids], B, len(neg_ids), self.tshape.n_products - 1)
         if self.tshape.item_bias:
             # The loss subtracts corrections from the logits: a bias enters as a negative one.
-            bp, bn = m.products.bias(pid), m.products.bias(neg_ids)
+            bp, bn = m.products.bias(torch.cat([pid, neg_ids])).split([B, len(neg_ids)])
             pc, nc = (-bp, -bn) if pc is None else (pc - bp, nc - bn)
         parts = {
             "user_product": sampled_softmax_loss(
-                u, p, pid, temp, m.product_vectors(neg_ids), neg_ids, pc, nc, weights, hits
+                u, p, pid, temp, p_neg, neg_ids, pc, nc, weights, hits
             )
         }
         tw = cfg["task_weights"]
         sid = batch["seller_idx"]
         valid = sid > 0
         if self.tshape.has_sellers and bool(valid.any()) and (tw.get("user_seller", 0) > 0 or tw.get("product_seller", 0) > 0):
-            s = m.seller_vectors(sid)
             Ms = min(M, max(self.tshape.n_sellers - 1, 0))
             sneg = uniform_negatives(Ms, self.tshape.n_sellers, self._gen, self.device)
+            s, sv = m.seller_vectors(torch.cat([sid, sneg])).split([B, len(sneg)])
             sc = snc = None
             if use_logq:
                 sc = log_expected_count(self.seller_logq[sid], B, Ms, self.tshape.n_sellers - 1)
                 snc = log_expected_count(self.seller_logq[sneg], B, Ms, self.tshape.n_sellers - 1)
-            sv = m.seller_vectors(sneg)
             if tw.get("user_seller", 0) > 0:
                 parts["user_seller"] = sampled_softmax_loss(u, s, sid, temp, sv, sneg, sc, snc, weights, hits, valid)
             if tw.get("product_seller", 0) > 0:
