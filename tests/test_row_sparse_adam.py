@@ -87,3 +87,22 @@ def test_state_dict_round_trip_resumes_identically() -> None:
 def test_invalid_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="betas"):
         RowSparseAdam([torch.nn.Parameter(torch.zeros(2))], betas=(1.0, 0.9))
+
+
+def test_resumes_from_a_sparse_adam_state() -> None:
+    # checkpoints written before RowSparseAdam hold torch.optim.SparseAdam's state
+    a, b = _tables(3)
+    ref = torch.optim.SparseAdam(a.parameters(), lr=0.05)
+    for step in range(3):
+        ref.zero_grad()
+        _loss(a, step).backward()
+        ref.step()
+    b.weight.data.copy_(a.weight.data)
+    ours = RowSparseAdam(b.parameters(), lr=0.05)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for step in range(3, 6):
+        for t, o in ((a, ref), (b, ours)):
+            o.zero_grad()
+            _loss(t, step).backward()
+            o.step()
+    torch.testing.assert_close(b.weight, a.weight, rtol=1e-5, atol=1e-6)
