@@ -382,3 +382,12 @@ def test_loss_and_gradients_under_bf16_autocast_are_close_to_fp32() -> None:
     assert torch.allclose(got, want, rtol=0.02)
     for a, b in zip(got_grads, want_grads, strict=True):
         assert a.dtype == torch.float32 and torch.allclose(a, b, atol=0.05 * b.abs().max().item())
+
+
+def test_a_second_backward_through_the_loss_is_refused() -> None:
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
+    p = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    loss = sampled_softmax_loss(q, p, torch.tensor([1, 2, 3, 4]), 0.1)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()

@@ -145,6 +145,10 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if getattr(ctx, "used", False):
+            # the first backward overwrote the saved logits with the softmax gradient
+            raise RuntimeError("sampled_softmax_loss supports one backward per forward; recompute the loss")
+        ctx.used = True
         q, cands, x, lse, target, w = ctx.saved_tensors
         g = (w * grad).unsqueeze(1)
         # softmax(x) * g - onehot(target) * g, written over x (not needed after this)
