@@ -26,15 +26,21 @@ def _loss(table: torch.nn.Embedding, step: int) -> torch.Tensor:
     return (x.sin().sum() + (y**2).sum()) * (1 + step % 3)
 
 
+def _train(pairs, steps) -> None:
+    """Step each (table, optimizer) pair through ``steps`` of :func:`_loss`, in lockstep."""
+    for step in steps:
+        for table, opt in pairs:
+            opt.zero_grad()
+            _loss(table, step).backward()
+            opt.step()
+
+
 def test_matches_torch_sparse_adam_over_many_steps() -> None:
     a, b = _tables()
     ref = torch.optim.SparseAdam(a.parameters(), lr=0.05, betas=(0.8, 0.95), eps=1e-6)
     ours = RowSparseAdam(b.parameters(), lr=0.05, betas=(0.8, 0.95), eps=1e-6)
     for step in range(30):
-        for table, opt in ((a, ref), (b, ours)):
-            opt.zero_grad()
-            _loss(table, step).backward()
-            opt.step()
+        _train([(a, ref), (b, ours)], [step])
         torch.testing.assert_close(b.weight, a.weight, rtol=1e-5, atol=1e-6)
     sa, so = ref.state[a.weight], ours.state[b.weight]
     assert so["step"] == sa["step"] == 30
@@ -69,18 +75,11 @@ def test_dense_gradient_updates_every_row_like_sparse_adam_would() -> None:
 def test_state_dict_round_trip_resumes_identically() -> None:
     a, b = _tables(2)
     oa = RowSparseAdam(a.parameters(), lr=0.05)
-    for step in range(3):
-        oa.zero_grad()
-        _loss(a, step).backward()
-        oa.step()
+    _train([(a, oa)], range(3))
     b.weight.data.copy_(a.weight.data)
     ob = RowSparseAdam(b.parameters(), lr=0.05)
     ob.load_state_dict(copy.deepcopy(oa.state_dict()))  # a checkpoint holds copies
-    for step in range(3, 6):
-        for t, o in ((a, oa), (b, ob)):
-            o.zero_grad()
-            _loss(t, step).backward()
-            o.step()
+    _train([(a, oa), (b, ob)], range(3, 6))
     torch.testing.assert_close(b.weight, a.weight)
 
 
@@ -93,16 +92,9 @@ def test_resumes_from_a_sparse_adam_state() -> None:
     # checkpoints written before RowSparseAdam hold torch.optim.SparseAdam's state
     a, b = _tables(3)
     ref = torch.optim.SparseAdam(a.parameters(), lr=0.05)
-    for step in range(3):
-        ref.zero_grad()
-        _loss(a, step).backward()
-        ref.step()
+    _train([(a, ref)], range(3))
     b.weight.data.copy_(a.weight.data)
     ours = RowSparseAdam(b.parameters(), lr=0.05)
     ours.load_state_dict(copy.deepcopy(ref.state_dict()))
-    for step in range(3, 6):
-        for t, o in ((a, ref), (b, ours)):
-            o.zero_grad()
-            _loss(t, step).backward()
-            o.step()
+    _train([(a, ref), (b, ours)], range(3, 6))
     torch.testing.assert_close(b.weight, a.weight, rtol=1e-5, atol=1e-6)

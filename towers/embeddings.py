@@ -23,6 +23,21 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def sorted_groups(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groups equal ids by one sort.
+
+    Args:
+        ids: [E] int64.
+    Returns:
+        ``(uniq [U], order [E], counts [U], starts [U])``: the distinct ids ascending, the
+        permutation that sorts ``ids``, and where each id's run starts and how long it is in
+        ``ids[order]`` (the offsets an ``embedding_bag`` over ``order`` needs to sum per id).
+    """
+    sorted_ids, order = torch.sort(ids)
+    uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    return uniq, order, counts, torch.cumsum(counts, 0) - counts
+
+
 def ragged_mean(
     table: nn.Embedding,
     idx: torch.Tensor,
@@ -87,9 +102,7 @@ class PooledRows(torch.autograd.Function):
         Returns:
             [P, B, d] the per-bag sums.
         """
-        ids, order = torch.sort(flat)
-        uniq, per_id = torch.unique_consecutive(ids, return_counts=True)
-        id_starts = torch.cumsum(per_id, 0) - per_id
+        uniq, order, per_id, id_starts = sorted_groups(flat)
         inv = torch.empty_like(flat)
         inv[order] = torch.repeat_interleave(torch.arange(uniq.shape[0], device=flat.device), per_id)
         rows = weight.index_select(0, uniq)
@@ -98,14 +111,16 @@ class PooledRows(torch.autograd.Function):
         out = torch.stack([F.embedding_bag(inv, rows, offsets, mode="sum", per_sample_weights=w) for w in ws])
         bag = torch.repeat_interleave(torch.arange(counts.shape[0], device=flat.device), counts)
         w_sorted = None if entry_weights is None else entry_weights[:, order]
-        ctx.save_for_backward(uniq, id_starts, bag[order], w_sorted, rows, inv, bag)
+        # the weights' gradient needs each entry's row and bag; the table's only the sorted bags
+        extra = (rows, inv, bag) if ctx.needs_input_grad[3] else ()
+        ctx.save_for_backward(uniq, id_starts, bag[order], w_sorted, *extra)
         ctx.weight_shape = weight.shape
         ctx.sparse = sparse
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        uniq, id_starts, bag_sorted, w_sorted, rows, inv, bag = ctx.saved_tensors
+        uniq, id_starts, bag_sorted, w_sorted, *extra = ctx.saved_tensors
         grad_weight = grad_w = None
         grad_out = grad_out.contiguous()
         if ctx.needs_input_grad[0]:
@@ -121,6 +136,7 @@ class PooledRows(torch.autograd.Function):
                 grad_weight = torch.zeros(ctx.weight_shape, dtype=g_rows.dtype, device=g_rows.device)
                 grad_weight.index_copy_(0, uniq, g_rows)
         if ctx.needs_input_grad[3]:
+            rows, inv, bag = extra
             entry_rows = rows[inv]
             grad_w = torch.stack([(entry_rows * g[bag]).sum(-1) for g in grad_out])
         return grad_weight, None, None, grad_w, None

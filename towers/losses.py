@@ -75,9 +75,10 @@ def sampled_softmax_loss(
         first = torch.full(uniq.shape, B, dtype=torch.long, device=query.device).scatter_reduce_(0, inv, rows, "amin")
         members = torch.ones(B, device=query.device) if valid is None else valid.to(query.dtype)
         count = torch.zeros(uniq.shape[0], device=query.device).index_add_(0, inv, members)
+        log_count = count.clamp_min(1).log()
         in_batch, target = pos[first], inv
         # Columns without a valid row must not act as candidates; the others count c times.
-        col_shift = torch.where(count > 0, count.clamp_min(1).log(), torch.full_like(count, _MASK))
+        col_shift = torch.where(count > 0, log_count, torch.full_like(count, _MASK))
         if pos_correction is not None:
             col_shift = col_shift - pos_correction[first]
     else:
@@ -96,7 +97,7 @@ def sampled_softmax_loss(
     edits = None
     if remove_accidental_hits:
         # the row's own column: one copy of its positive (log c undone; masked-invalid stays masked)
-        er, ec, ev = [rows], [inv], [-count[inv].clamp_min(1).log()]
+        er, ec, ev = [rows], [inv], [-log_count[inv]]
         if has_neg and neg_ids is not None:
             r, c = _hits(pos_ids, neg_ids)
             er.append(r)

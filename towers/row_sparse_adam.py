@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from towers.embeddings import sorted_groups
+
 
 class RowSparseAdam(torch.optim.Optimizer):
     """The update of :class:`torch.optim.SparseAdam`, computed on the touched rows only.
@@ -77,12 +79,8 @@ def _row_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if grad.is_coalesced():
         return grad._indices()[0], grad._values()
     idx, values = grad._indices()[0], grad._values()
-    ids, order = torch.sort(idx)
-    rows, per_row = torch.unique_consecutive(ids, return_counts=True)
-    if values.dim() != 2:
-        inv = torch.repeat_interleave(torch.arange(rows.shape[0], device=idx.device), per_row)
-        summed = torch.zeros((rows.shape[0],) + values.shape[1:], dtype=values.dtype, device=values.device)
-        return rows, summed.index_add_(0, inv, values[order])
+    rows, order, _, starts = sorted_groups(idx)
     # sums of the pieces of each row, grouped by the sort: half the time of index_add_ here
-    starts = torch.cumsum(per_row, 0) - per_row
-    return rows, F.embedding_bag(order, values, starts, mode="sum")
+    flat = values.reshape(values.shape[0], -1)
+    summed = F.embedding_bag(order, flat, starts, mode="sum")
+    return rows, summed.reshape((rows.shape[0],) + values.shape[1:])
