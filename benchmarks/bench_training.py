@@ -10,11 +10,12 @@ Four measurements per batch size, each in a fresh process, all on the same gener
 * ``minimal``: the reference loop of the issue: user id + mean of history item embeddings, item id
   embedding, in-batch softmax, sparse embeddings + ``torch.optim.SparseAdam``, the C library's
   default allocator. Not our model: the yardstick.
-* ``minimal_retained``: the same loop after :func:`towers.allocator.retain_freed_memory`, which
-  ``recsys train`` calls (``train.retain_freed_memory``): how much of our lead is the allocator.
+* ``minimal_retained``: the same loop with the process memory settings that ``recsys train`` uses
+  (:mod:`towers.allocator`: ``retain_freed_memory`` and huge pages for its tables and moments):
+  how much of our lead is those settings.
 * ``plain``: our model and loss (:class:`towers.lit_module.TwoTowerLightning.compute_loss`; by default
   mixed in-batch + uniform negatives, logQ, accidental-hit masking, three tasks) and our optimizers,
-  stepped by a hand-written loop, with the allocator setting of the config.
+  stepped by a hand-written loop, with the memory settings of the config.
 * ``lightning``: the same module trained by ``pl.Trainer.fit`` (manual optimisation, as ``recsys train``).
   ``lightning / plain`` is Lightning's own overhead; the two run one after the other in one process.
 
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 from recsys.config import Config, load_config, to_dict
-from towers.allocator import retain_freed_memory
+from towers.allocator import advise_huge_pages, retain_freed_memory
 from towers.lit_module import TwoTowerLightning
 from towers.shapes import TowerShape
 
@@ -101,7 +102,7 @@ def _median_rate(stamps: list[float], batch: int) -> float:
     return batch / float(np.median(np.diff(stamps)))
 
 
-def bench_minimal(rows: int, dim: int, batches, warmup: int) -> float:
+def bench_minimal(rows: int, dim: int, batches, warmup: int, huge_pages: bool = False) -> float:
     m = Minimal(rows, dim)
     opt = torch.optim.SparseAdam(list(m.parameters()), lr=0.01)
 
@@ -109,6 +110,10 @@ def bench_minimal(rows: int, dim: int, batches, warmup: int) -> float:
         opt.zero_grad()
         m.loss(b).backward()
         opt.step()
+
+    if huge_pages:  # SparseAdam makes its moments at the first step
+        step(batches[0])
+        advise_huge_pages([*m.parameters(), *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))])
 
     return _rate(step, batches, warmup)
 
@@ -129,6 +134,8 @@ def _module(rows: int, cfg: Config) -> TwoTowerLightning:
 def bench_plain(rows: int, cfg: Config, batches, warmup: int) -> float:
     lit = _module(rows, cfg)
     opts = lit.configure_optimizers()
+    if cfg.train.huge_pages:
+        lit.use_huge_pages(opts)
 
     def step(b):
         loss, _ = lit.compute_loss(lit._augment(b))
@@ -196,7 +203,7 @@ def measure(part: str, a: argparse.Namespace, bs: int) -> dict[str, float]:
         retain_freed_memory()
     batches = make_batches(a.steps + a.warmup, bs, a.rows, a.history)
     if part.startswith("minimal"):
-        return {part: bench_minimal(a.rows, cfg.model.dim, batches, a.warmup)}
+        return {part: bench_minimal(a.rows, cfg.model.dim, batches, a.warmup, part == "minimal_retained")}
     out = {}
     if a.accelerator == "cpu":
         out["plain"] = bench_plain(a.rows, cfg, batches, a.warmup)
@@ -238,7 +245,7 @@ def main() -> None:
                     runs.setdefault(name, []).append(v)
         r = {"batch_size": bs, "rows": a.rows, "history": a.history, "threads": a.threads or os.cpu_count(),
              "negatives": cfg.train.num_negatives, "task_weights": cfg.train.task_weights,
-             "retain_freed_memory": cfg.train.retain_freed_memory}
+             "retain_freed_memory": cfg.train.retain_freed_memory, "huge_pages": cfg.train.huge_pages}
         for name, v in runs.items():
             r[f"{name}_ex_s"] = round(float(np.median(v)))
         if a.accelerator == "cpu":

@@ -143,6 +143,9 @@ class TrainConfig:
     # Keep freed memory mapped instead of returning it to the kernel after every step (glibc only;
     # towers/allocator.py): the page faults that avoids were half of a CPU step on 1M-row tables.
     retain_freed_memory: bool = True
+    # Back the large id tables and their Adam moments by 2 MiB pages on the CPU (Linux transparent
+    # huge pages; towers/allocator.py): random row access on 1M-row tables is TLB-miss bound.
+    huge_pages: bool = True
     loader: str = "arrow"  # arrow | petastorm
     max_minutes: float = 0.0  # 0 = no wall-clock limit
     tracking_uri: str = ""  # "" = sqlite file under the run dir, or $MLFLOW_TRACKING_URI

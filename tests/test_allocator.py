@@ -1,16 +1,19 @@
-"""retain_freed_memory: a training-like step stops page-faulting its temporaries back in."""
+"""towers.allocator: a training-like step stops page-faulting its temporaries back in; large tables
+get huge pages."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
 
-from towers.allocator import retain_freed_memory
+from towers.allocator import advise_huge_pages, retain_freed_memory
 
 _STEP = textwrap.dedent(
     """
@@ -63,3 +66,61 @@ def test_training_step_stops_page_faulting_its_temporaries() -> None:
 
 def test_returns_a_bool() -> None:
     assert retain_freed_memory() in (True, False)
+
+
+def _mapping_of(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping holding ``address``."""
+    fields: dict[str, str] = {}
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+    return fields
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "none"
+    return text.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _thp_mode() not in ("always", "madvise"),
+                    reason="Linux transparent huge pages")
+def test_large_tensors_are_marked_for_huge_pages_and_keep_their_data() -> None:
+    big = torch.randn(40 * 1024 * 1024 // 4)  # 40 MiB, already written
+    small = torch.randn(1024)
+    before = big.clone()
+    assert advise_huge_pages([big, small, torch.empty(0)]) == 1
+    assert torch.equal(big, before)
+    huge = 2 * 1024 * 1024
+    inner = -(-big.data_ptr() // huge) * huge  # the first 2 MiB boundary inside the tensor
+    fields = _mapping_of(inner)
+    assert "hg" in fields["VmFlags"].split(), fields  # madvise(MADV_HUGEPAGE) took
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit())
+    if release >= (6, 1):  # MADV_COLLAPSE moved the written pages at once (if huge pages were free)
+        collapsed = int(fields["AnonHugePages"].split()[0])
+        if collapsed == 0:
+            pytest.skip("the kernel had no free huge pages to collapse into")
+        assert collapsed >= 2048
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _thp_mode() not in ("always", "madvise"),
+                    reason="Linux transparent huge pages")
+def test_training_module_marks_its_large_tables_and_moments() -> None:
+    from recsys.config import Config, to_dict
+    from towers.lit_module import TwoTowerLightning
+    from towers.shapes import TowerShape
+
+    # a 25.6 MB product table (marked, with its two Adam moments); the small user and seller tables are not
+    shape = TowerShape(n_users=100, n_products=100_000, n_sellers=5, n_categories=1, n_brands=1,
+                       n_product_features=0, n_seller_features=0, dim=64)
+    lit = TwoTowerLightning(shape.to_dict(), to_dict(Config().train), {})
+    assert lit.use_huge_pages(lit.configure_optimizers()) == 3

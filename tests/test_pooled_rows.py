@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from towers.embeddings import embedding, ragged_mean
+from towers.embeddings import embedding, ragged_mean, sorted_groups
 
 
 def _reference(weight: torch.Tensor, idx, mask, weights=None) -> torch.Tensor:
@@ -54,6 +54,26 @@ def test_no_grad_and_all_masked() -> None:
     torch.testing.assert_close(out, _reference(table.weight.detach(), idx, idx > 0))
     empty = ragged_mean(table, idx, torch.zeros_like(idx, dtype=torch.bool))
     assert empty.shape == (2, 4) and torch.all(empty == 0)
+    empty.sum().backward()  # nothing pooled: an empty gradient
+    assert table.weight.grad._nnz() == 0
+    for shape in [(0, 3), (2, 0)]:  # no rows, no history columns
+        none = ragged_mean(table, torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.bool))
+        assert none.shape == (shape[0], 4) and torch.all(none == 0)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_masked_entries_are_never_looked_up(weighted: bool) -> None:
+    table = embedding(10, 4, sparse=True)
+    idx = torch.tensor([[1, -1, 7], [123, 2, 2]])  # -1 and 123 are no rows of the table
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    w = torch.rand(2, 3).requires_grad_(True) if weighted else None
+    out = ragged_mean(table, idx, mask, weights=w)
+    safe = idx.clamp(0, 9)
+    torch.testing.assert_close(out, _reference(table.weight.detach(), safe, mask, None if w is None else w.detach()))
+    out.sum().backward()
+    assert table.weight.grad.coalesce().indices()[0].tolist() == [1, 2, 7]
+    if weighted:
+        assert torch.all(w.grad[~mask] == 0)
 
 
 @pytest.mark.parametrize("sparse", [True, False])
@@ -75,3 +95,31 @@ def test_several_weightings_share_one_lookup(sparse: bool) -> None:
     grad = table.weight.grad
     torch.testing.assert_close(grad.to_dense() if sparse else grad, ref_weight.grad)
     torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+@pytest.mark.parametrize("big_ids", [False, True])
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_sorted_groups_is_a_stable_grouping(big_ids: bool, with_valid: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 20, (300,), generator=g)
+    if big_ids:  # id * len(ids) would overflow int64: the torch.sort path
+        ids = ids + 2**62
+    valid = torch.rand(300, generator=g) > 0.3 if with_valid else None
+    uniq, order, counts, starts = sorted_groups(ids, valid)
+    pos = torch.arange(300) if valid is None else valid.nonzero().squeeze(1)
+    expected = sorted(pos.tolist(), key=lambda i: (ids[i].item(), i))  # by id, then position
+    assert order.tolist() == expected
+    assert uniq.tolist() == sorted(set(ids[pos].tolist()))
+    assert counts.tolist() == [int((ids[pos] == u).sum()) for u in uniq]
+    assert starts.tolist() == (torch.cumsum(counts, 0) - counts).tolist()
+    assert torch.equal(ids[order[starts]], uniq)
+
+
+@pytest.mark.parametrize("big_ids", [False, True])
+def test_sorted_groups_carries_tags(big_ids: bool) -> None:
+    ids = torch.tensor([5, 2, 5, 2, 9, 5]) + (2**61 if big_ids else 0)
+    tags = torch.tensor([40, 7, 3, 90, 1, 12])  # ties ordered by tag, not by position
+    valid = torch.tensor([True, True, True, False, True, True])
+    uniq, order, counts, starts = sorted_groups(ids, valid, tags)
+    assert (uniq - (2**61 if big_ids else 0)).tolist() == [2, 5, 9]
+    assert order.tolist() == [7, 3, 12, 40, 1] and counts.tolist() == [1, 3, 1] and starts.tolist() == [0, 1, 4]

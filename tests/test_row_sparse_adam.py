@@ -98,3 +98,18 @@ def test_resumes_from_a_sparse_adam_state() -> None:
     ours.load_state_dict(copy.deepcopy(ref.state_dict()))
     _train([(a, ref), (b, ours)], range(3, 6))
     torch.testing.assert_close(b.weight, a.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_moments_exist_before_the_first_step_and_missing_states_start_fresh() -> None:
+    a, b = _tables(4)
+    ours = RowSparseAdam([a.weight, b.weight], lr=0.05)
+    for p in (a.weight, b.weight):  # allocated up front, so they can be placed before training
+        st = ours.state[p]
+        assert st["step"] == 0 and st["exp_avg"].shape == p.shape and not st["exp_avg_sq"].any()
+    # a SparseAdam checkpoint has no state for a table it never stepped
+    ref = torch.optim.SparseAdam([a.weight, b.weight], lr=0.05)
+    _train([(a, ref)], range(2))
+    assert len(ref.state_dict()["state"]) == 1
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    _train([(b, ours)], [5])
+    assert ours.state[b.weight]["step"] == 1 and ours.state[a.weight]["step"] == 2

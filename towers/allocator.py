@@ -1,4 +1,5 @@
-"""Keep freed heap memory in the training process, so each step does not page-fault it back in."""
+"""Process memory settings for CPU training: keep freed heap memory (no page faults each step) and
+back the large tables by huge pages (fewer TLB misses)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,50 @@ def retain_freed_memory(keep_bytes: int = 1 << 30) -> bool:
     if not ok:
         log.warning("mallopt refused the allocator settings; training runs with the C library's defaults")
     return ok
+
+
+# madvise advice values (asm-generic/mman-common.h)
+_MADV_HUGEPAGE = 14
+_MADV_COLLAPSE = 25  # Linux >= 6.1: back already-touched pages by huge pages now
+_HUGE_PAGE = 2 * 1024 * 1024
+
+
+def advise_huge_pages(tensors, min_bytes: int = 16 * 1024 * 1024) -> int:
+    """Ask Linux to back large CPU tensors (embedding tables, their optimizer moments) by 2 MiB pages.
+
+    A training step reads and writes a few thousand random rows of each 1M-row table; with 4 KiB
+    pages nearly every row is a TLB miss, which costs a full page walk (two levels of them in a
+    VM). With transparent huge pages in ``madvise`` mode (the common default) the kernel uses 2 MiB
+    pages only where asked. ``MADV_HUGEPAGE`` marks the 2 MiB-aligned part of each tensor's
+    memory and ``MADV_COLLAPSE`` moves the pages already written into huge pages at once (Linux
+    6.1 and newer; on older kernels the marked memory is collapsed in the background). The data
+    and its addresses do not change. On this project's 2-core VMs a batch-1024 step on two 1M-row
+    tables took 23% less time (``benchmarks/bench_training.py``).
+
+    Best effort: a no-op for tensors smaller than ``min_bytes``, not on the CPU, or where madvise
+    is missing or refuses (not Linux, THP disabled).
+
+    Args:
+        tensors: iterable of tensors.
+        min_bytes: skip smaller tensors (a few MiB already fit the TLB's reach).
+    Returns:
+        How many tensors were marked.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    done = 0
+    for t in tensors:
+        if t.device.type != "cpu" or t.untyped_storage().nbytes() < min_bytes:
+            continue
+        start = t.untyped_storage().data_ptr()
+        lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+        hi = (start + t.untyped_storage().nbytes()) // _HUGE_PAGE * _HUGE_PAGE
+        if hi <= lo or madvise(lo, hi - lo, _MADV_HUGEPAGE) != 0:
+            continue
+        madvise(lo, hi - lo, _MADV_COLLAPSE)  # EINVAL before 6.1, EAGAIN without free huge pages: fine
+        done += 1
+    return done

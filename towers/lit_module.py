@@ -8,6 +8,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from towers.allocator import advise_huge_pages
 from towers.full_ranking import topk_excluding
 from towers.history_horizon import hide_latest
 from towers.losses import log_expected_count, sampled_softmax_loss, uniform_negatives
@@ -206,6 +207,25 @@ class TwoTowerLightning(pl.LightningModule):
         for k, v in self._epoch_sums.items():
             name = "train/loss_epoch" if k == "loss" else f"train/{k}"
             self.log(name, v / n, on_step=False, on_epoch=True, prog_bar=k == "loss")
+
+    def on_train_start(self) -> None:
+        """Back the id tables and their optimizer moments by huge pages (``train.huge_pages``, CPU).
+
+        Here, not at construction: Lightning has created the optimizers (and restored their state
+        when resuming) by now, and no step has run yet.
+        """
+        if bool(self.train_cfg.get("huge_pages", False)) and self.device.type == "cpu":
+            opts = self.optimizers()
+            self.use_huge_pages([o.optimizer for o in (opts if isinstance(opts, list) else [opts])])
+
+    def use_huge_pages(self, optimizers: list[torch.optim.Optimizer]) -> int:
+        """:func:`towers.allocator.advise_huge_pages` on the id tables and the optimizers' state
+        tensors (the large ones: the moments of the id tables). Returns how many were marked."""
+        tensors = [p.data for p in self.model.sparse_parameters()]
+        for opt in optimizers:
+            for state in opt.state.values():
+                tensors += [v for v in state.values() if torch.is_tensor(v)]
+        return advise_huge_pages(tensors)
 
     def configure_optimizers(self):
         cfg = self.train_cfg

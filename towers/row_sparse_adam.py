@@ -33,6 +33,17 @@ class RowSparseAdam(torch.optim.Optimizer):
         if lr < 0.0 or eps < 0.0 or not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"invalid RowSparseAdam settings: lr={lr}, betas={betas}, eps={eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        # The moments exist from the start (not at the first step), so the caller can place them
+        # (towers.allocator.advise_huge_pages) before training; a loaded state replaces them.
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        state.update(step=0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                     exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+        return state
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -48,11 +59,8 @@ class RowSparseAdam(torch.optim.Optimizer):
                 rows, values = _row_gradient(p.grad)
                 if values.shape[0] == 0:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # a loaded state dict lacks the parameters its run never stepped
+                state = self.state[p] or self._init_state(p)
                 state["step"] += 1
                 t = state["step"]
                 m, v = state["exp_avg"], state["exp_avg_sq"]
