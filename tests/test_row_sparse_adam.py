@@ -113,3 +113,20 @@ def test_moments_exist_before_the_first_step_and_missing_states_start_fresh() ->
     ours.load_state_dict(copy.deepcopy(ref.state_dict()))
     _train([(b, ours)], [5])
     assert ours.state[b.weight]["step"] == 1 and ours.state[a.weight]["step"] == 2
+
+
+def test_rows_with_zero_gradients_match_sparse_adam() -> None:
+    # rows looked up by examples of weight 0 get exact-zero gradients (v = 0: a special case of the root)
+    a, b = _tables(5)
+    ref = torch.optim.SparseAdam(a.parameters(), lr=0.05)
+    ours = RowSparseAdam(b.parameters(), lr=0.05)
+    start = b.weight.detach().clone()
+    for step in range(6):
+        for table, opt in ((a, ref), (b, ours)):
+            opt.zero_grad()
+            zero_rows = torch.tensor([7, 8, 9]) if step % 2 else torch.tensor([7, 8, 1])
+            (table(torch.tensor([1, 2, 3])).sin().sum() + 0.0 * table(zero_rows).sum()).backward()
+            opt.step()
+        torch.testing.assert_close(b.weight, a.weight, rtol=1e-5, atol=1e-6)
+    assert torch.all(ours.state[b.weight]["exp_avg_sq"][[7, 8, 9]] == 0)
+    assert torch.equal(b.weight[[7, 8, 9]], start[[7, 8, 9]])  # touched, but a zero step

@@ -74,7 +74,7 @@ def advise_huge_pages(tensors, min_bytes: int = 16 * 1024 * 1024) -> int:
         tensors: iterable of tensors.
         min_bytes: skip smaller tensors (a few MiB already fit the TLB's reach).
     Returns:
-        How many tensors were marked.
+        How many storages were marked (views of one storage count once).
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -83,9 +83,11 @@ def advise_huge_pages(tensors, min_bytes: int = 16 * 1024 * 1024) -> int:
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     done = 0
+    seen = set()
     for t in tensors:
-        if t.device.type != "cpu" or t.untyped_storage().nbytes() < min_bytes:
+        if t.device.type != "cpu" or t.untyped_storage().nbytes() < min_bytes or t.untyped_storage().data_ptr() in seen:
             continue
+        seen.add(t.untyped_storage().data_ptr())  # views of one storage are marked once
         start = t.untyped_storage().data_ptr()
         lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
         hi = (start + t.untyped_storage().nbytes()) // _HUGE_PAGE * _HUGE_PAGE
