@@ -32,7 +32,7 @@ def sorted_groups(
     """Groups equal ids by one sort, ties ordered by tag (by default the entries' positions).
 
     The sort runs over one int64 key per entry, ``id << s | tag``: on the CPU numpy's sort (with
-    AVX-512 where the CPU has it), which on this project's 2-core VMs took a quarter to a half of
+    AVX-512 where the CPU has it), which on this project's 2-core VMs took a fifth to a quarter of
     ``torch.sort``'s time for a batch's history ids, and the id and tag come back out with shifts
     (an integer division by the number of entries took as long as the sort). The order within a
     group is fixed, so the sums over a group come out the same on every run.
