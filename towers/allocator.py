@@ -85,12 +85,13 @@ def advise_huge_pages(tensors, min_bytes: int = 16 * 1024 * 1024) -> int:
     done = 0
     seen = set()
     for t in tensors:
-        if t.device.type != "cpu" or t.untyped_storage().nbytes() < min_bytes or t.untyped_storage().data_ptr() in seen:
+        storage = t.untyped_storage()
+        start, size = storage.data_ptr(), storage.nbytes()
+        if t.device.type != "cpu" or size < min_bytes or start in seen:
             continue
-        seen.add(t.untyped_storage().data_ptr())  # views of one storage are marked once
-        start = t.untyped_storage().data_ptr()
+        seen.add(start)  # views of one storage are marked once
         lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
-        hi = (start + t.untyped_storage().nbytes()) // _HUGE_PAGE * _HUGE_PAGE
+        hi = (start + size) // _HUGE_PAGE * _HUGE_PAGE
         if hi <= lo or madvise(lo, hi - lo, _MADV_HUGEPAGE) != 0:
             continue
         madvise(lo, hi - lo, _MADV_COLLAPSE)  # EINVAL before 6.1, EAGAIN without free huge pages: fine

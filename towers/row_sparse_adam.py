@@ -69,11 +69,11 @@ class RowSparseAdam(torch.optim.Optimizer):
                 v_rows = both[:, 1].mul_(beta2).addcmul_(values, values, value=1 - beta2)
                 moments.index_copy_(0, rows, both)
                 step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                # gather, update, scatter: on a 1M-row table index_add_ took 3x as long as this
                 # Rows whose gradients were all zero so far (examples of weight 0) have v = 0, and the
                 # square root of an exact 0 took 8x as long as of other numbers here. Raised to the
                 # smallest normal float, their root (1e-19) still vanishes next to eps: the same denom.
                 denom = v_rows.clamp_min(torch.finfo(v_rows.dtype).tiny).sqrt_().add_(group["eps"])
+                # gather, update, scatter: on a 1M-row table index_add_ took 3x as long as this
                 p_rows = p.index_select(0, rows).add_(torch.div(m_rows, denom, out=denom), alpha=-step_size)
                 p.index_copy_(0, rows, p_rows)
         return loss
