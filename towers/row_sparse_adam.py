@@ -74,7 +74,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                 # smallest normal float, their root (1e-19) still vanishes next to eps: the same denom.
                 denom = v_rows.clamp_min(torch.finfo(v_rows.dtype).tiny).sqrt_().add_(group["eps"])
                 # gather, update, scatter: on a 1M-row table index_add_ took 3x as long as this
-                p_rows = p.index_select(0, rows).add_(torch.div(m_rows, denom, out=denom), alpha=-step_size)
+                p_rows = p.index_select(0, rows).addcdiv_(m_rows, denom, value=-step_size)
                 p.index_copy_(0, rows, p_rows)
         return loss
 

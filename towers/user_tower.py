@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from towers.bit_dropout import BitDropout
 from towers.embeddings import embedding, ragged_mean
 from towers.history_encoder import HistoryEncoder
 from towers.shapes import TowerShape
@@ -37,7 +38,7 @@ class UserTower(nn.Module):
         self.dow_emb = nn.Embedding(8, d)
         nn.init.zeros_(self.hour_emb.weight)
         nn.init.zeros_(self.dow_emb.weight)
-        self.dropout = nn.Dropout(shape.dropout)
+        self.dropout = BitDropout(shape.dropout)
 
     def forward(
         self,
