@@ -17,7 +17,9 @@ Four measurements per batch size, each in a fresh process, all on the same gener
   mixed in-batch + uniform negatives, logQ, accidental-hit masking, three tasks) and our optimizers,
   stepped by a hand-written loop, with the memory settings of the config.
 * ``lightning``: the same module trained by ``pl.Trainer.fit`` (manual optimisation, as ``recsys train``).
-  ``lightning / plain`` is Lightning's own overhead; the two run one after the other in one process.
+  ``lightning / plain`` is Lightning's own overhead; the two run one after the other in one process,
+  plain first in odd repeats and Lightning first in even ones (a box that slows down within minutes
+  would otherwise count as overhead).
 
 With ``--repeats N`` the four alternate N times and each figure is the median of its N runs (the
 overhead: the median of the N paired ratios, with its range): single runs on a shared 2-core box
@@ -188,6 +190,7 @@ def bench_loader(rows: int, batch: int, hist: int) -> float:
 
 
 PARTS = ("minimal", "minimal_retained", "ours")
+LIGHTNING_FIRST = "ours_lightning_first"  # ``ours`` with the two loops in the other order
 
 
 def measure(part: str, a: argparse.Namespace, bs: int) -> dict[str, float]:
@@ -205,9 +208,12 @@ def measure(part: str, a: argparse.Namespace, bs: int) -> dict[str, float]:
     if part.startswith("minimal"):
         return {part: bench_minimal(a.rows, cfg.model.dim, batches, a.warmup, part == "minimal_retained")}
     out = {}
+    if part == LIGHTNING_FIRST:
+        out["lightning"] = bench_lightning(a.rows, cfg, batches, a.warmup, a.accelerator)
     if a.accelerator == "cpu":
         out["plain"] = bench_plain(a.rows, cfg, batches, a.warmup)
-    out["lightning"] = bench_lightning(a.rows, cfg, batches, a.warmup, a.accelerator)
+    if part != LIGHTNING_FIRST:
+        out["lightning"] = bench_lightning(a.rows, cfg, batches, a.warmup, a.accelerator)
     return out
 
 
@@ -230,7 +236,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="alternate the measurements this many times")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override, e.g. train.num_negatives=0 (default: the default config)")
-    ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # one measurement (internal)
+    ap.add_argument("--part", choices=(*PARTS, LIGHTNING_FIRST), help=argparse.SUPPRESS)  # one measurement (internal)
     a = ap.parse_args()
     if a.part:
         print(json.dumps(measure(a.part, a, a.batch_sizes[0])), flush=True)
@@ -239,9 +245,9 @@ def main() -> None:
     parts = PARTS if a.accelerator == "cpu" else ("ours",)
     for bs in a.batch_sizes:
         runs: dict[str, list[float]] = {}
-        for _ in range(max(1, a.repeats)):
+        for i in range(max(1, a.repeats)):
             for p in parts:
-                for name, v in _in_subprocess(p, bs).items():
+                for name, v in _in_subprocess(LIGHTNING_FIRST if p == "ours" and i % 2 else p, bs).items():
                     runs.setdefault(name, []).append(v)
         r = {"batch_size": bs, "rows": a.rows, "history": a.history, "threads": a.threads or os.cpu_count(),
              "negatives": cfg.train.num_negatives, "task_weights": cfg.train.task_weights,
