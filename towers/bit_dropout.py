@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -27,9 +29,7 @@ def keep_mask(shape: tuple[int, ...] | torch.Size, p: float, device=None, genera
     threshold = round(p * _LEVELS)
     if threshold >= _LEVELS:  # p = 1 (and int16 cannot hold 32768)
         return torch.zeros(shape, dtype=torch.bool, device=device)
-    n = 1
-    for s in shape:
-        n *= int(s)
+    n = math.prod(shape)
     words = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device).random_(generator=generator)
     slices = words.view(torch.int16).bitwise_and_(_LEVELS - 1)[:n]
     return (slices >= threshold).reshape(shape)
