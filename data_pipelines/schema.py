@@ -37,6 +37,18 @@ from __future__ import annotations
 
 EVENT_TYPES = ("view", "cart", "purchase")
 EVENT_CODE = {"view": 0, "cart": 1, "purchase": 2}
+# Names other event logs use for the same three kinds (RetailRocket's addtocart / transaction, Taobao's
+# pv / fav / buy, GA-style page_view / add_to_cart, ...), keyed by the lower-cased value with everything
+# but letters and digits removed ("Add-To-Cart" -> "addtocart"). Favourites and wish lists are intent
+# short of a purchase, as a cart is. Anything else (remove_from_cart, refund) stays unknown and rejected.
+EVENT_ALIASES = {
+    **dict.fromkeys(("views", "viewed", "pageview", "pageviews", "detail", "detailview", "productview",
+                     "click", "clicks", "clicked", "pv", "visit"), "view"),
+    **dict.fromkeys(("carts", "addtocart", "addedtocart", "addtobasket", "basket", "fav", "favorite",
+                     "favourite", "wishlist", "addtowishlist"), "cart"),
+    **dict.fromkeys(("purchases", "purchased", "buy", "buys", "bought", "order", "orders", "ordered",
+                     "transaction", "transactions", "checkout", "sale", "conversion"), "purchase"),
+}
 
 REQUIRED_COLUMNS = {
     "events": ("user_id", "product_id"),

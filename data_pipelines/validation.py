@@ -12,7 +12,8 @@ The events are shuffled for it by their typed user id, so they leave validation 
 Reasons, in the order they are checked (a row gets the first that applies):
 
 - ``missing_<id>``: a required id is null or empty (ids are cast to strings and trimmed).
-- ``unknown_event_type``: event_type not in view|cart|purchase (missing/empty means purchase).
+- ``unknown_event_type``: event_type not in view|cart|purchase nor one of their common other names
+  (``schema.EVENT_ALIASES``, matched ignoring case, spaces and punctuation; missing/empty means purchase).
 - ``missing_timestamp`` / ``bad_timestamp``: the events have timestamps but this row's is empty /
   unparsable (ISO-8601 strings, epoch seconds as numbers or numeric strings, or timestamp columns).
   ``bad_timestamp`` also covers unparsable ``created_at`` / ``signup_date`` on catalog tables.
@@ -36,7 +37,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from data_pipelines.schema import EVENT_CODE, EVENT_TYPES
+from data_pipelines.schema import EVENT_ALIASES, EVENT_CODE, EVENT_TYPES
 
 _T = "t__"  # prefix of typed columns inside a flagged frame
 
@@ -236,6 +237,8 @@ def flag_events(events: DataFrame, with_ts: bool, catalog_ids: DataFrame | None 
     ]
     if "event_type" in cols:
         et = F.lower(F.trim(c("event_type").cast("string")))
+        aliases = F.create_map(*[F.lit(x) for kv in EVENT_ALIASES.items() for x in kv])
+        et = F.coalesce(aliases[F.regexp_replace(et, "[^a-z0-9]", "")], et)
         typed["event_type"] = F.when(et.isNull() | (et == ""), F.lit("purchase")).otherwise(et)
     else:
         typed["event_type"] = F.lit("purchase")

@@ -106,7 +106,7 @@ def make_raw(seed: int = 3, n_users: int = 12, n_products: int = 16, n_events: i
     bad = [
         ({**base, "user_id": ""}, "missing_user_id"),
         ({**base, "product_id": " "}, "missing_product_id"),
-        ({**base, "event_type": "click"}, "unknown_event_type"),
+        ({**base, "event_type": "remove_from_cart"}, "unknown_event_type"),
         ({**base, "timestamp": ""}, "missing_timestamp"),
         ({**base, "timestamp": "yesterday"}, "bad_timestamp"),
         ({**base, "price": "abc"}, "bad_price"),

@@ -106,3 +106,18 @@ def test_split_column_accepts_train_val_test_and_rejects_others(spark):
     assert f.counts()["rejected"] == {"bad_split": 1}
     assert sorted(r["split"] for r in f.accepted().collect()) == ["test", "train", "val"]
     assert [r["split"] for r in f.rejected().collect()] == ["holdout"]
+
+
+def test_event_types_accept_common_other_names(spark):
+    from data_pipelines.schema import EVENT_CODE
+    from data_pipelines.validation import flag_events
+
+    given = ["AddToCart", " transaction ", "page_view", "Add-to-Cart", "pv", "fav", "buy", "VIEW", "",
+             "remove_from_cart", "refund"]
+    pdf = pd.DataFrame({"user_id": [f"u{i}" for i in range(len(given))], "product_id": "p1", "event_type": given})
+    f = flag_events(_sdf(spark, pdf), with_ts=False)
+    assert f.counts()["rejected"] == {"unknown_event_type": 2}
+    assert sorted(r["event_type"] for r in f.rejected().collect()) == ["refund", "remove_from_cart"]
+    got = {r["user_id"]: r["event"] for r in f.accepted().collect()}
+    want = ["cart", "purchase", "view", "cart", "view", "cart", "purchase", "view", "purchase"]
+    assert got == {f"u{i}": EVENT_CODE[w] for i, w in enumerate(want)}
