@@ -15,7 +15,8 @@ Reasons, in the order they are checked (a row gets the first that applies):
 - ``unknown_event_type``: event_type not in view|cart|purchase nor one of their common other names
   (``schema.EVENT_ALIASES``, matched ignoring case, spaces and punctuation; missing/empty means purchase).
 - ``missing_timestamp`` / ``bad_timestamp``: the events have timestamps but this row's is empty /
-  unparsable (ISO-8601 strings, epoch seconds as numbers or numeric strings, or timestamp columns).
+  unparsable (ISO-8601 strings, epoch seconds, milliseconds, microseconds or nanoseconds as numbers
+  or numeric strings, told apart by magnitude, or timestamp columns).
   ``bad_timestamp`` also covers unparsable ``created_at`` / ``signup_date`` on catalog tables.
 - ``bad_<col>`` / ``negative_<col>``: unparsable or negative price, stock, shipping_days, rating.
 - ``bad_split``: a ``split`` column value other than train|val|test.
@@ -97,14 +98,24 @@ def epoch_col(c: Column, dt: T.DataType) -> tuple[Column, Column]:
     elif isinstance(dt, T.DateType):
         v = c.cast("timestamp").cast("long")
     elif _is_numeric(dt):
-        d = c.cast("double")
-        v = F.when(~F.isnan(d), F.floor(d).cast("long"))
+        v = _epoch_seconds(c.cast("double"))
     else:
         s = F.trim(c.cast("string"))
-        v = F.when(s.rlike(_NUMERIC_STR), F.floor(s.cast("double")).cast("long")).otherwise(
-            s.cast("timestamp").cast("long")
-        )
+        v = F.when(s.rlike(_NUMERIC_STR), _epoch_seconds(s.cast("double"))).otherwise(s.cast("timestamp").cast("long"))
     return v, _present(c, dt) & v.isNull()
+
+
+def _epoch_seconds(d: Column) -> Column:
+    """Whole epoch seconds from a number in seconds, milliseconds, microseconds or nanoseconds.
+
+    The unit is told by magnitude, row by row: seconds of the years 1973-5138 lie in [1e8, 1e11),
+    milliseconds from 1973 on are >= 1e11, microseconds >= 1e14, nanoseconds >= 1e17. Read as
+    seconds, milliseconds (RetailRocket, most event trackers) would put every event tens of
+    thousands of years ahead and shrink the popularity windows a thousandfold.
+    """
+    a = F.abs(d)
+    unit = F.when(a >= 1e17, 1e9).when(a >= 1e14, 1e6).when(a >= 1e11, 1e3).otherwise(1.0)
+    return F.when(~F.isnan(d), F.floor(d / unit).cast("long"))
 
 
 @dataclass

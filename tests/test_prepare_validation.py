@@ -59,6 +59,13 @@ def test_timestamp_and_id_parsing(spark):
     ts = spark.createDataFrame([(1,)], "x int").select(F.to_timestamp(F.lit("2020-01-01 00:00:00")).alias("t"))
     v, _ = epoch_col(F.col("t"), ts.schema["t"].dataType)
     assert ts.select(v).collect()[0][0] == 1577836800
+    # epoch milliseconds, microseconds and nanoseconds are told from seconds by magnitude
+    num = spark.createDataFrame([(1577836800123.0, "1577836800123"), (1577836801123456.0, "1577836801123456"),
+                                 (1.5778368021e18, "1577836802100000000"), (86400.0, "86400")], "n double, s string")
+    for col in ("n", "s"):
+        v, bad = epoch_col(F.col(col), num.schema[col].dataType)
+        got = [tuple(r) for r in num.select(v, bad).collect()]
+        assert got == [(1577836800, False), (1577836801, False), (1577836802, False), (86400, False)], col
 
 
 def test_rejected_accounting_invariant_every_reason(spark):
