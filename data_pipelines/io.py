@@ -85,17 +85,17 @@ def _folder_format(files: list[tuple[str, int, int]], folder: str) -> str:
     names = [os.path.basename(f[0]) for f in files]
     if any(n.endswith(".parquet") for n in names):
         return "parquet"
-    if any(re.search(r"\.csv(\.[a-z0-9]+)?$", n) for n in names):
+    if any(re.search(r"\.[ct]sv(\.[a-z0-9]+)?$", n) for n in names):
         return "csv"
     raise DataContractError(
-        f"{folder}: cannot tell the format of the part files (expected *.parquet or *.csv), found {names[:5]}"
+        f"{folder}: cannot tell the format of the part files (expected *.parquet, *.csv or *.tsv), found {names[:5]}"
     )
 
 
 def locate_table(spark: Any, data_dir: str, name: str) -> tuple[str, str] | None:
     """Find table ``name`` under ``data_dir``: ``(path, "csv"|"parquet")`` or None when absent."""
     fs = _FS(spark, data_dir)
-    for suffix, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".csv.gz", "csv")):
+    for suffix, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".csv.gz", "csv"), (".tsv", "csv"), (".tsv.gz", "csv")):
         p = _join(data_dir, name + suffix)
         if fs.exists(p) and not fs.is_dir(p):
             return p, fmt
@@ -118,17 +118,27 @@ def normalise_columns(df):
     return df.toDF(*renamed)
 
 
+def _read_csv(spark: Any, path: str, sep: str):
+    return (
+        spark.read.option("header", True)
+        .option("inferSchema", False)
+        .option("mode", "PERMISSIVE")
+        .option("escape", '"')
+        .option("sep", sep)
+        .csv(path)
+    )
+
+
 def read_table(spark: Any, path: str, fmt: str):
     if fmt == "parquet":
         df = spark.read.parquet(path)
     elif fmt == "csv":
-        df = (
-            spark.read.option("header", True)
-            .option("inferSchema", False)
-            .option("mode", "PERMISSIVE")
-            .option("escape", '"')
-            .csv(path)
-        )
+        df = _read_csv(spark, path, ",")
+        if len(df.columns) == 1:
+            # a header read as one column holding another separator: tab-, semicolon- or pipe-separated
+            sep = next((s for s in ("\t", ";", "|") if s in df.columns[0]), None)
+            if sep is not None:
+                df = _read_csv(spark, path, sep)
     else:  # pragma: no cover - locate_table only returns the two
         raise DataContractError(f"{path}: unknown format {fmt}")
     return normalise_columns(df)
@@ -167,7 +177,7 @@ def read_tables(spark: Any, data_dir: str) -> tuple[dict[str, Any], dict[str, di
         sources[name] = {"path": path, "format": fmt}
     if "events" not in tables:
         raise DataContractError(
-            f"{data_dir}: no events table (expected events.csv, events.parquet or a folder events/)"
+            f"{data_dir}: no events table (expected events.csv, events.tsv, events.parquet or a folder events/)"
         )
     return tables, sources
 

@@ -50,6 +50,13 @@ EVENT_ALIASES = {
                      "transaction", "transactions", "checkout", "sale", "conversion"), "purchase"),
 }
 
+
+
+def event_alias_key(value: str) -> str:
+    """The key of an event type in :data:`EVENT_ALIASES`: lower case, letters and digits only."""
+    return "".join(ch for ch in value.lower() if ch.isascii() and ch.isalnum())
+
+
 REQUIRED_COLUMNS = {
     "events": ("user_id", "product_id"),
     "products": ("product_id",),

@@ -108,6 +108,11 @@ def test_events_from_files_and_timestamp_formats(small, tmp_path):
     with pytest.raises(ValueError, match="timestamp"):
         read_events(ev.drop(columns=["timestamp"]))
     assert read_events(ev.drop(columns=["event_type", "quantity"]))["event_type"].eq("purchase").all()
+    # other logs' names for the event types and epoch milliseconds in a tab-separated file, as prepare reads them
+    other = ev.assign(event_type=ev["event_type"].map({"purchase": "Transaction", "view": "page_view", "cart": "AddToCart"}),
+                      timestamp=ev["timestamp"] * 1000)
+    other.to_csv(tmp_path / "events.tsv", sep="\t", index=False)
+    assert analyze(log, tmp_path / "events.tsv", n_boot=0)["variants"] == ref["variants"]
 
 
 def test_users_in_two_variants_are_excluded_and_experiment_must_be_chosen(tmp_path):

@@ -40,6 +40,11 @@ def test_detect_source(tmp_path):
         assert detect_source(FIX / d) == "movielens"
     (tmp_path / "events.csv").write_text("user_id,product_id\na,b\n")
     assert detect_source(tmp_path) == "contract"
+    for name in ("events.tsv", "events.csv.gz"):
+        other = tmp_path / name.replace(".", "_")
+        other.mkdir()
+        (other / name).write_bytes(b"")
+        assert detect_source(other) == "contract", name
     assert set(SOURCES) == {"contract", "olist", "lightgcn", "movielens"}
     empty = tmp_path / "empty"
     empty.mkdir()

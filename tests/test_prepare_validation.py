@@ -33,6 +33,18 @@ def test_missing_events_table_and_missing_offer_column(spark, tmp_path):
     assert "'offers'" in str(e.value) and "'seller_id'" in str(e.value) and "offers" in str(e.value)
 
 
+def test_tab_semicolon_and_pipe_separated_tables_are_read(spark, tmp_path):
+    pdf = pd.DataFrame({"user_id": ["u1", "u2"], "product_id": ["p1", "p,2"], "event_type": ["view", "buy"]})
+    pdf.to_csv(tmp_path / "events.tsv", sep="\t", index=False)
+    pdf[["product_id"]].assign(seller_id="s1").to_csv(tmp_path / "offers.csv", sep=";", index=False)
+    (tmp_path / "sellers").mkdir()
+    pd.DataFrame({"seller_id": ["s1"], "region": ["north"]}).to_csv(tmp_path / "sellers" / "part-0.csv", sep="|", index=False)
+    tables, _ = read_tables(spark, str(tmp_path))
+    assert sorted(tuple(r) for r in tables["events"].collect()) == [("u1", "p1", "view"), ("u2", "p,2", "buy")]
+    assert tables["offers"].columns == ["product_id", "seller_id"] and tables["offers"].count() == 2
+    assert [tuple(r) for r in tables["sellers"].collect()] == [("s1", "north")]
+
+
 def test_locate_table_formats(tmp_path):
     pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "products.parquet")
     pd.DataFrame({"a": [1]}).to_csv(tmp_path / "events.csv", index=False)

@@ -7,7 +7,8 @@ string ids. ``detect_source`` recognises a directory by its files; ``read_source
 ==========  =========================================================================================
 source      recognised by
 ==========  =========================================================================================
-contract    ``events.csv`` / ``events.parquet`` / ``events/`` (read by the prepare job itself)
+contract    ``events.csv`` / ``events.tsv`` (either maybe ``.gz``) / ``events.parquet`` / ``events/`` (read by the
+            prepare job itself)
 olist       ``olist_orders_dataset.csv`` or ``olist_order_items_dataset.csv`` (or, catalog only,
             ``olist_products_dataset.csv``, which ``read_olist`` rejects with a clear message)
 lightgcn    ``train.txt`` (+ ``test.txt``): ``user item item ...`` per line (LightGCN / Gowalla)
@@ -21,7 +22,7 @@ import os
 
 SOURCES = ("contract", "olist", "lightgcn", "movielens")
 
-_CONTRACT_MARKERS = ("events.csv", "events.parquet", "events")
+_CONTRACT_MARKERS = ("events.csv", "events.csv.gz", "events.tsv", "events.tsv.gz", "events.parquet", "events")
 _OLIST_MARKERS = ("olist_orders_dataset.csv", "olist_order_items_dataset.csv", "olist_products_dataset.csv")
 _LIGHTGCN_MARKERS = ("train.txt",)
 _MOVIELENS_MARKERS = ("ratings.dat", "ratings.csv", "u.data")

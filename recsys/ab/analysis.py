@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from data_pipelines.schema import EVENT_ALIASES, event_alias_key
 from recsys.ab.exposure_log import read_exposures
 from recsys.config import ABConfig
 
@@ -140,7 +141,8 @@ def _to_ns(s: pd.Series, what: str) -> np.ndarray:
         t = pd.to_datetime(s, utc=True)
     elif pd.api.types.is_numeric_dtype(s):
         x = s.astype("float64")
-        unit = "ms" if x.abs().median() > 1e11 else "s"  # the contract says seconds; tolerate ms
+        med = x.abs().median()  # seconds, or milli-, micro- or nanoseconds, as the prepare job reads them
+        unit = "ns" if med >= 1e17 else "us" if med >= 1e14 else "ms" if med >= 1e11 else "s"
         t = pd.to_datetime(x, unit=unit, utc=True)
     else:
         num = pd.to_numeric(s, errors="coerce")
@@ -154,8 +156,9 @@ def _to_ns(s: pd.Series, what: str) -> np.ndarray:
 
 def _read_table(path: Path) -> pd.DataFrame:
     name = path.name.lower()
-    if name.endswith((".csv", ".csv.gz")):
-        return pd.read_csv(path, dtype={"user_id": str, "product_id": str, "seller_id": str, "event_type": str})
+    if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+        dtype = {"user_id": str, "product_id": str, "seller_id": str, "event_type": str}
+        return pd.read_csv(path, dtype=dtype, sep="\t" if ".tsv" in name else ",")
     if name.endswith(".parquet"):
         return pd.read_parquet(path)
     raise ValueError(f"{path}: not a CSV or Parquet file")
@@ -175,13 +178,13 @@ def read_events(src: str | Path | pd.DataFrame) -> pd.DataFrame:
         p = Path(src)
         where = str(p)
         if p.is_dir():
-            for cand in (p / "events.parquet", p / "events.csv", p / "events.csv.gz", p / "events"):
+            for cand in (p / "events.parquet", p / "events.csv", p / "events.csv.gz", p / "events.tsv", p / "events"):
                 if cand.exists():
                     p = cand
                     break
         if p.is_dir():
             parts = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith((".", "_"))
-                           and q.name.lower().endswith((".parquet", ".csv", ".csv.gz")))
+                           and q.name.lower().endswith((".parquet", ".csv", ".csv.gz", ".tsv", ".tsv.gz")))
             if not parts:
                 raise FileNotFoundError(f"{where}: no CSV or Parquet event files")
             df = pd.concat([_read_table(q) for q in parts], ignore_index=True)
@@ -196,8 +199,12 @@ def read_events(src: str | Path | pd.DataFrame) -> pd.DataFrame:
                          "event_type, timestamp, price, quantity)")
     df["user_id"] = df["user_id"].astype(str)
     df["product_id"] = df["product_id"].astype(str)
-    df["event_type"] = (df["event_type"].astype(str).str.strip().str.lower() if "event_type" in df.columns
-                        else "purchase")
+    if "event_type" in df.columns:
+        # the same names as the prepare job accepts (``addtocart``, ``transaction``, ``buy`` ...)
+        et = df["event_type"].astype(str).str.strip().str.lower()
+        df["event_type"] = et.map(lambda v: EVENT_ALIASES.get(event_alias_key(v), v))
+    else:
+        df["event_type"] = "purchase"
     df["ts_ns"] = _to_ns(df["timestamp"], f"{where}: timestamp")
     df["price"] = pd.to_numeric(df["price"], errors="coerce") if "price" in df.columns else np.nan
     df["quantity"] = (pd.to_numeric(df["quantity"], errors="coerce").fillna(1.0) if "quantity" in df.columns
