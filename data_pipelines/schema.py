@@ -51,7 +51,6 @@ EVENT_ALIASES = {
 }
 
 
-
 def event_alias_key(value: str) -> str:
     """The key of an event type in :data:`EVENT_ALIASES`: lower case, letters and digits only."""
     return "".join(ch for ch in value.lower() if ch.isascii() and ch.isalnum())
