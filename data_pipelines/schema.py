@@ -51,6 +51,12 @@ EVENT_ALIASES = {
 }
 
 
+# Numeric timestamps in a finer unit than seconds, told apart by magnitude: (smallest value, units
+# per second), finest first. Seconds of the years 1973-5138 lie in [1e8, 1e11), milliseconds from
+# 1973 on are >= 1e11, microseconds >= 1e14, nanoseconds >= 1e17.
+EPOCH_UNITS = ((1e17, 1e9), (1e14, 1e6), (1e11, 1e3))
+
+
 def event_alias_key(value: str) -> str:
     """The key of an event type in :data:`EVENT_ALIASES`: lower case, letters and digits only."""
     return "".join(ch for ch in value.lower() if ch.isascii() and ch.isalnum())

@@ -38,7 +38,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from data_pipelines.schema import EVENT_ALIASES, EVENT_CODE, EVENT_TYPES
+from data_pipelines.schema import EPOCH_UNITS, EVENT_ALIASES, EVENT_CODE, EVENT_TYPES
 
 _T = "t__"  # prefix of typed columns inside a flagged frame
 
@@ -108,13 +108,13 @@ def epoch_col(c: Column, dt: T.DataType) -> tuple[Column, Column]:
 def _epoch_seconds(d: Column) -> Column:
     """Whole epoch seconds from a number in seconds, milliseconds, microseconds or nanoseconds.
 
-    The unit is told by magnitude, row by row: seconds of the years 1973-5138 lie in [1e8, 1e11),
-    milliseconds from 1973 on are >= 1e11, microseconds >= 1e14, nanoseconds >= 1e17. Read as
-    seconds, milliseconds (RetailRocket, most event trackers) would put every event tens of
-    thousands of years ahead and shrink the popularity windows a thousandfold.
+    The unit is told by magnitude, row by row (``schema.EPOCH_UNITS``). Read as seconds,
+    milliseconds (RetailRocket, most event trackers) would put every event tens of thousands of
+    years ahead and shrink the popularity windows a thousandfold.
     """
-    a = F.abs(d)
-    unit = F.when(a >= 1e17, 1e9).when(a >= 1e14, 1e6).when(a >= 1e11, 1e3).otherwise(1.0)
+    a, unit = F.abs(d), F.lit(1.0)
+    for smallest, per_second in reversed(EPOCH_UNITS):  # coarsest first: a finer unit's test overrides
+        unit = F.when(a >= smallest, per_second).otherwise(unit)
     return F.when(~F.isnan(d), F.floor(d / unit).cast("long"))
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from data_pipelines.schema import EVENT_ALIASES, event_alias_key
+from data_pipelines.schema import EPOCH_UNITS, EVENT_ALIASES, event_alias_key
 from recsys.ab.exposure_log import read_exposures
 from recsys.config import ABConfig
 
@@ -141,9 +141,10 @@ def _to_ns(s: pd.Series, what: str) -> np.ndarray:
         t = pd.to_datetime(s, utc=True)
     elif pd.api.types.is_numeric_dtype(s):
         x = s.astype("float64")
-        med = x.abs().median()  # seconds, or milli-, micro- or nanoseconds, as the prepare job reads them
-        unit = "ns" if med >= 1e17 else "us" if med >= 1e14 else "ms" if med >= 1e11 else "s"
-        t = pd.to_datetime(x, unit=unit, utc=True)
+        # seconds, or milli-, micro- or nanoseconds, by the magnitudes the prepare job reads them by
+        med = x.abs().median()
+        per_second = next((per for smallest, per in EPOCH_UNITS if med >= smallest), 1.0)
+        t = pd.to_datetime(x, unit={1e9: "ns", 1e6: "us", 1e3: "ms", 1.0: "s"}[per_second], utc=True)
     else:
         num = pd.to_numeric(s, errors="coerce")
         if num.notna().all() and len(num):
@@ -178,7 +179,8 @@ def read_events(src: str | Path | pd.DataFrame) -> pd.DataFrame:
         p = Path(src)
         where = str(p)
         if p.is_dir():
-            for cand in (p / "events.parquet", p / "events.csv", p / "events.csv.gz", p / "events.tsv", p / "events"):
+            for cand in (p / "events.parquet", p / "events.csv", p / "events.csv.gz", p / "events.tsv", p / "events.tsv.gz",
+                         p / "events"):
                 if cand.exists():
                     p = cand
                     break
@@ -202,7 +204,7 @@ def read_events(src: str | Path | pd.DataFrame) -> pd.DataFrame:
     if "event_type" in df.columns:
         # the same names as the prepare job accepts (``addtocart``, ``transaction``, ``buy`` ...)
         et = df["event_type"].astype(str).str.strip().str.lower()
-        df["event_type"] = et.map(lambda v: EVENT_ALIASES.get(event_alias_key(v), v))
+        df["event_type"] = et.map({v: EVENT_ALIASES.get(event_alias_key(v), v) for v in et.unique()})
     else:
         df["event_type"] = "purchase"
     df["ts_ns"] = _to_ns(df["timestamp"], f"{where}: timestamp")
