@@ -7,8 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_MAX_KEY = torch.iinfo(torch.int64).max
-
 
 def embedding(n: int, dim: int, sparse: bool, std: float = 0.05) -> nn.Embedding:
     """An ``nn.Embedding`` with index 0 as the unknown/padding row, initialised N(0, std).
@@ -29,45 +27,62 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def sorted_groups(
     ids: torch.Tensor, valid: torch.Tensor | None = None, tags: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Groups equal ids by one sort, ties ordered by tag (by default the entries' positions).
+    """Groups equal ids by one stable sort (ties stay in entry order), carrying a tag per entry.
 
-    The sort runs over one int64 key per entry, ``id << s | tag``: on the CPU numpy's sort (with
-    AVX-512 where the CPU has it), which on this project's 2-core VMs took a fifth to a quarter of
-    ``torch.sort``'s time for a batch's history ids, and the id and tag come back out with shifts
-    (an integer division by the number of entries took as long as the sort). The order within a
-    group is fixed, so the sums over a group come out the same on every run.
+    On the CPU the sort is a least-significant-digit radix sort over 16-bit digits of the ids, each
+    pass numpy's stable ``argsort`` of a ``uint16`` array (a counting sort): two passes for ids
+    below 2**32. For a batch's 20k history ids it took 0.19 ms on this project's 2-core VM against
+    0.65 ms for numpy's (comparison) sort of bit-packed (id, position) keys and 0.75 ms for
+    ``torch.sort(stable=True)``. Elsewhere ``torch.sort(stable=True)``. The order within a group is
+    fixed, so the sums over a group come out the same on every run.
 
     Args:
         ids: [E] int64, non-negative.
         valid: [E] bool, the entries to group (default: all).
-        tags: [E] int64 non-negative values to carry through the sort (default: 0..E-1).
+        tags: [E] int64 values to carry through the sort (default: the positions 0..E-1).
     Returns:
         ``(uniq [U], order [V], counts [U], starts [U])``: the distinct ids of the V valid entries
-        ascending, the valid entries' tags (positions in ``ids`` by default) sorted by (id, tag),
-        and where each id's run starts and how long it is in ``order`` (the offsets an
-        ``embedding_bag`` over ``order`` needs to sum per id).
+        ascending, the valid entries' tags sorted by id with ties in entry order, and where each
+        id's run starts and how long it is in ``order`` (the offsets an ``embedding_bag`` over
+        ``order`` needs to sum per id).
     """
-    E = ids.shape[0]
-    if tags is None:
-        tags = torch.arange(E, device=ids.device)
-    n = E if valid is None else int(valid.sum())
-    bits = int(tags.max()).bit_length() if E else 0
-    if E and bits <= 62 and int(ids.max()) < (1 << (62 - bits)):
-        keys = (ids << bits) | tags
-        if valid is not None:
-            keys = keys.masked_fill(~valid, _MAX_KEY)  # invalid entries sort last and are cut off
-        if keys.device.type == "cpu":
-            keys = torch.from_numpy(np.sort(keys.numpy())[:n])
-        else:
-            keys = torch.sort(keys).values[:n]
-        sorted_ids, order = keys >> bits, keys & ((1 << bits) - 1)
-    else:  # ids too large for a shared key: two stable sorts (by tag, then by id)
-        keep = torch.arange(E, device=ids.device) if valid is None else valid.nonzero().squeeze(1)
-        by_tag = keep[torch.sort(tags[keep], stable=True).indices]
-        sorted_ids, within = torch.sort(ids[by_tag], stable=True)
-        order = tags[by_tag[within]]
-    uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    if ids.device.type == "cpu":  # in numpy: its gathers took a third to half of torch indexing's time
+        kept = ids.numpy()
+        keep = None if valid is None else np.flatnonzero(valid.numpy())
+        if keep is not None:
+            kept = kept[keep]
+        perm = _stable_argsort(kept)
+        sorted_ids = kept[perm]
+        pos = perm if keep is None else keep[perm]
+        order = pos if tags is None else tags.numpy()[pos]
+        first = np.ones(sorted_ids.shape[0], dtype=bool)
+        np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        counts = np.diff(starts, append=sorted_ids.shape[0])
+        return tuple(torch.from_numpy(a) for a in (sorted_ids[starts], order, counts, starts))
+    keep = None if valid is None else valid.nonzero().squeeze(1)
+    kept = ids if keep is None else ids[keep]
+    perm = torch.sort(kept, stable=True).indices
+    pos = perm if keep is None else keep[perm]
+    order = pos if tags is None else tags[pos]
+    uniq, counts = torch.unique_consecutive(kept[perm], return_counts=True)
     return uniq, order, counts, torch.cumsum(counts, 0) - counts
+
+
+def _stable_argsort(ids: np.ndarray) -> np.ndarray:
+    """Positions that sort non-negative int64 ``ids`` stably: LSD radix over 16-bit digits.
+
+    numpy's stable sort of 16-bit integers is a radix sort (linear time); each pass sorts by
+    the next digit, keeping the order of the previous passes among equal digits.
+    """
+    top = int(ids.max()) if ids.shape[0] else 0
+    order = np.argsort(ids.astype(np.uint16), kind="stable")  # the cast keeps the low 16 bits
+    shift = 16
+    while top >> shift:
+        digit = (ids[order] >> shift).astype(np.uint16)
+        order = order[np.argsort(digit, kind="stable")]
+        shift += 16
+    return order
 
 
 def ragged_mean(
