@@ -118,8 +118,8 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     The logits are a training step's largest tensor, and each pass over them is memory bound:
     autograd through matmul, in-place shifts, indexed edits and ``cross_entropy`` made about a dozen
     passes (copies for the indexed edits' backward, zeros for the NLL's). Here the forward is the
-    matrix product, one shift, the sparse edits and a log-sum-exp; the backward turns the same
-    buffer into the softmax gradient in place and multiplies it back.
+    matrix product, one shift, the sparse edits and a log-sum-exp that leaves exp(logit - row max)
+    in the buffer; the backward scales that into the softmax gradient in place and multiplies it back.
     """
 
     @staticmethod
@@ -139,9 +139,14 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
             x.add_(col_shift.unsqueeze(0))
         if edits is not None:
             x.index_put_((edits[0], edits[1]), edits[2].to(x.dtype), accumulate=True)
-        lse = torch.logsumexp(x, 1)
+        # log-sum-exp by hand, keeping exp(x - max) for the backward: torch.logsumexp made its own
+        # passes (max with indices, a copy) and the backward had to exponentiate again
+        top = x.amax(1, keepdim=True)
         picked = x.gather(1, target.unsqueeze(1)).squeeze(1)
-        ctx.save_for_backward(q, cands, x, lse, target, w)
+        e = x.sub_(top).exp_()
+        total = e.sum(1)
+        lse = top.squeeze(1) + total.log()
+        ctx.save_for_backward(q, cands, e, total, target, w)
         return ((lse - picked) * w).sum()
 
     @staticmethod
@@ -150,11 +155,11 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
             # the first backward overwrote the saved logits with the softmax gradient
             raise RuntimeError("sampled_softmax_loss supports one backward per forward; recompute the loss")
         ctx.used = True
-        q, cands, x, lse, target, w = ctx.saved_tensors
-        g = (w * grad).unsqueeze(1)
-        # softmax(x) * g - onehot(target) * g, written over x (not needed after this)
-        p = x.sub_(lse.unsqueeze(1)).exp_().mul_(g)
-        p.scatter_add_(1, target.unsqueeze(1), -g)
+        q, cands, e, total, target, w = ctx.saved_tensors
+        g = w * grad
+        # softmax(x) * g - onehot(target) * g, written over e = exp(x - max) (not needed after this)
+        p = e.mul_((g / total).unsqueeze(1))
+        p.scatter_add_(1, target.unsqueeze(1), -g.unsqueeze(1))
         pg = p.to(q.dtype)
         grad_q = pg @ cands if ctx.needs_input_grad[0] else None
         grad_c = pg.T @ q if ctx.needs_input_grad[1] else None
