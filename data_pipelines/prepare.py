@@ -204,6 +204,8 @@ def _prepare_tables(
     ev, split_info = assign_splits(
         ev, cfg, has_ts, positive_codes, by=("user_idx", "user_id"), cutoff_events=acc["events"]
     )
+    if "fallback" in split_info:
+        _say(progress, split_info["fallback"])
     # cached in (user_idx, ts, rid) order: each user's events reach the example and history
     # builders contiguous and in time order
     ev = ev.select("user_idx", "product_idx", "seller_idx", "event", "ts", "price", "rid", "split")

@@ -151,7 +151,41 @@ def temporal(
     def iso(t):
         return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
-    return out, {"val_cutoff": val_cut, "test_cutoff": test_cut, "val_cutoff_iso": iso(val_cut), "test_cutoff_iso": iso(test_cut)}
+    info = {"val_cutoff": val_cut, "test_cutoff": test_cut, "val_cutoff_iso": iso(val_cut), "test_cutoff_iso": iso(test_cut)}
+    info["positive_shares"] = _shares(pos, val_cut, test_cut)
+    return out, info
+
+
+def _shares(pos: DataFrame, val_cut: int | None, test_cut: int | None) -> dict[str, float]:
+    """The shares of the positive events ``pos`` that the cutoffs put in train, val and test."""
+    ts = F.col("ts")
+    in_val = F.lit(False) if val_cut is None else (ts >= val_cut) & (F.lit(True) if test_cut is None else ts < test_cut)
+    in_test = F.lit(False) if test_cut is None else ts >= test_cut
+    row = pos.agg(F.count(F.lit(1)).alias("n"), F.sum(in_val.cast("long")).alias("val"),
+                  F.sum(in_test.cast("long")).alias("test")).first()
+    n = max(int(row["n"]), 1)
+    val, test = int(row["val"] or 0) / n, int(row["test"] or 0) / n
+    return {"train": round(1.0 - val - test, 6), "val": round(val, 6), "test": round(test, 6)}
+
+
+def temporal_problem(shares: dict[str, float], cfg: DataConfig) -> str | None:
+    """Why time cutoffs at these positive shares make an unusable split, or None when they do not.
+
+    Cutoffs are at quantiles of the positives' timestamps; with coarse timestamps (a date, or one
+    value for all) a tie at the cutoff moves a whole day into val/test, and with one value every
+    positive lands in test and train is empty. Unusable: a wanted val or test split that is empty,
+    or train with less than half its intended share.
+    """
+    want_train = 1.0 - cfg.val_fraction - cfg.test_fraction
+    pct = {k: f"{100 * v:.1f}%" for k, v in shares.items()}
+    got = f"train {pct['train']}, val {pct['val']}, test {pct['test']} of the positive events"
+    if cfg.test_fraction > 0 and shares["test"] == 0:
+        return f"no positive event is at or after the test cutoff ({got})"
+    if cfg.val_fraction > 0 and shares["val"] == 0:
+        return f"no positive event falls between the val and test cutoffs ({got})"
+    if shares["train"] < 0.5 * want_train:
+        return f"the cutoffs give {got}, for an intended train share of {100 * want_train:.0f}%"
+    return None
 
 
 def leave_last_out(ev: DataFrame, positive_codes: list[int], by: list[str]) -> DataFrame:
@@ -244,14 +278,26 @@ def assign_splits(
         "val_carve": cfg.val_carve,
         "timestamps": cfg.timestamps if has_ts else None,
     }
+    out = None
     if method == "temporal":
         out, cut = temporal(ev, cfg, positive_codes, cutoff_events)
-        info["cutoffs"] = cut
-    elif method == "leave_last_out":
+        problem = temporal_problem(cut["positive_shares"], cfg)
+        if problem and cfg.split == "temporal":
+            raise ValueError(
+                f"data.split=temporal: {problem}; the timestamps are too coarse or too few for time cutoffs: "
+                "use data.split=random (or auto, which falls back to it) or leave_last_out"
+            )
+        if problem:  # auto: a per-user random split instead, said in the manifest
+            out, method = None, "random"
+            info.update(method=method, rejected_cutoffs=cut,
+                        fallback=f"temporal cutoffs unusable, split at random per user instead: {problem}")
+        else:
+            info["cutoffs"] = cut
+    if method == "leave_last_out":
         out = leave_last_out(ev, positive_codes, list(by))
     elif method == "predefined":
         out = _carve(ev, cfg, positive_codes, F.col("split"), 0.0, list(by))
-    else:
+    elif method == "random":
         base = ev.drop("split") if has_split else ev
         out = _carve(base, cfg, positive_codes, F.lit("train"), cfg.test_fraction, list(by))
     if not has_ts:

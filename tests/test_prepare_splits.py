@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
-from data_pipelines.splits import assign_splits, resolve_method
+from data_pipelines.splits import assign_splits, resolve_method, temporal_problem
 from recsys.config import DataConfig
 
 POS = [0, 1, 2]  # every event type is a positive
@@ -59,6 +59,36 @@ def test_temporal_cutoffs(spark):
     assert df[df.split == "val"].ts.max() < df[df.split == "test"].ts.min()
     frac = df.split.value_counts(normalize=True)
     assert 0.1 < frac["test"] < 0.3 and 0.1 < frac["val"] < 0.3
+
+    shares = cut["positive_shares"]  # the shares the cutoffs gave, counted over the positives
+    assert shares == pytest.approx({k: float((df.split == k).mean()) for k in ("train", "val", "test")}, abs=1e-6)
+
+
+def test_coarse_timestamps_fall_back_to_a_random_split_or_fail_clearly(spark):
+    one_day = _events(spark).withColumn("ts", F.lit(1_704_067_200).cast("long"))  # every event on one date
+    cfg = DataConfig(split="auto", val_fraction=0.2, test_fraction=0.2)
+    out, info = assign_splits(one_day, cfg, True, POS)
+    df = out.toPandas()
+    # time cutoffs would put every positive in test: auto splits each user at random instead, and says so
+    assert info["method"] == "random" and info["requested"] == "auto" and "cutoffs" not in info
+    assert info["rejected_cutoffs"]["positive_shares"] == {"train": 0.0, "val": 0.0, "test": 1.0}
+    assert "test 100.0%" in info["fallback"]
+    frac = df.split.value_counts(normalize=True)
+    assert 0.1 < frac["test"] < 0.35 and 0.1 < frac["val"] < 0.35
+    assert all((g.split == "train").sum() >= 1 for _, g in df.groupby("user_id"))
+    with pytest.raises(ValueError, match=r"data.split=temporal: .*train 0.0%, val 0.0%, test 100.0%"):
+        assign_splits(one_day, replace(cfg, split="temporal"), True, POS)
+
+
+def test_temporal_problem_thresholds():
+    cfg = DataConfig(val_fraction=0.1, test_fraction=0.1)  # intended train share 80%
+    assert temporal_problem({"train": 0.8, "val": 0.1, "test": 0.1}, cfg) is None
+    assert temporal_problem({"train": 0.41, "val": 0.29, "test": 0.3}, cfg) is None  # a coarse but usable cut
+    assert "intended train share of 80%" in temporal_problem({"train": 0.39, "val": 0.31, "test": 0.3}, cfg)
+    assert "between the val and test" in temporal_problem({"train": 0.9, "val": 0.0, "test": 0.1}, cfg)
+    assert "at or after the test cutoff" in temporal_problem({"train": 0.9, "val": 0.1, "test": 0.0}, cfg)
+    no_val = DataConfig(val_fraction=0.0, test_fraction=0.1)
+    assert temporal_problem({"train": 0.9, "val": 0.0, "test": 0.1}, no_val) is None
 
 
 def test_leave_last_out(spark):
