@@ -281,7 +281,9 @@ def assign_splits(
     out = None
     if method == "temporal":
         out, cut = temporal(ev, cfg, positive_codes, cutoff_events)
-        problem = temporal_problem(cut["positive_shares"], cfg)
+        # no cutoffs (no positive has a timestamp): everything stays train, as before this check
+        no_cut = cut["val_cutoff"] is None and cut["test_cutoff"] is None
+        problem = None if no_cut else temporal_problem(cut["positive_shares"], cfg)
         if problem and cfg.split == "temporal":
             raise ValueError(
                 f"data.split=temporal: {problem}; the timestamps are too coarse or too few for time cutoffs: "
