@@ -175,6 +175,18 @@ def test_loss_and_gradients_match_reference_with_many_hits(seed: int) -> None:
     assert torch.allclose(got, _reference_loss(q, p, pid, 0.2, neg, nid, id_corr[pid], nc, w, all_rows), atol=1e-5)
 
 
+
+def test_loss_and_gradients_stay_exact_with_huge_logits() -> None:
+    # temperature 0.002: logits up to +-500, where exp overflows without the row-max shift
+    g = torch.Generator().manual_seed(11)
+    q, p = (torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=-1).requires_grad_() for _ in range(2))
+    pid = torch.arange(1, 9)
+    got = sampled_softmax_loss(q, p, pid, 0.002)
+    want = torch.nn.functional.cross_entropy(q @ p.T / 0.002, torch.arange(8))
+    assert torch.isfinite(got) and torch.allclose(got, want, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (q, p)), torch.autograd.grad(want, (q, p)), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
 def test_repeat_positives_are_reweighted() -> None:
     from recsys.config import Config, to_dict
     from towers.lit_module import TwoTowerLightning
