@@ -22,7 +22,9 @@ Validation is always carved from what would otherwise be training data, never fr
   val (the LightGCN adapter marks the end of each ``train.txt`` line: it is ordered).
 - ``auto``: predefined when a split column exists, else temporal with timestamps (leave_last_out
   when ``data.timestamps`` = order: they order each user's events but are not a shared clock),
-  else random.
+  else random. When the temporal cutoffs would leave val or test empty or train with less than
+  half its share (timestamps too coarse: one date for all events), random instead, recorded as
+  ``fallback`` in the info (:func:`temporal_problem`); an explicit ``temporal`` raises then.
 
 All randomness is a hash of (seed, row content), so reruns give the same assignment.
 """
