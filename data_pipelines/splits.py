@@ -160,6 +160,8 @@ def temporal(
 
 def _shares(pos: DataFrame, val_cut: int | None, test_cut: int | None) -> dict[str, float]:
     """The shares of the positive events ``pos`` that the cutoffs put in train, val and test."""
+    if val_cut is None and test_cut is None:  # no cutoffs: all train, no pass over the events
+        return {"train": 1.0, "val": 0.0, "test": 0.0}
     ts = F.col("ts")
     in_val = F.lit(False) if val_cut is None else (ts >= val_cut) & (F.lit(True) if test_cut is None else ts < test_cut)
     in_test = F.lit(False) if test_cut is None else ts >= test_cut
@@ -280,7 +282,6 @@ def assign_splits(
         "val_carve": cfg.val_carve,
         "timestamps": cfg.timestamps if has_ts else None,
     }
-    out = None
     if method == "temporal":
         out, cut = temporal(ev, cfg, positive_codes, cutoff_events)
         # no cutoffs (no positive has a timestamp): everything stays train, as before this check
@@ -292,7 +293,7 @@ def assign_splits(
                 "use data.split=random (or auto, which falls back to it) or leave_last_out"
             )
         if problem:  # auto: a per-user random split instead, said in the manifest
-            out, method = None, "random"
+            method = "random"
             info.update(method=method, rejected_cutoffs=cut,
                         fallback=f"temporal cutoffs unusable, split at random per user instead: {problem}")
         else:
