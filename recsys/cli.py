@@ -367,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    # MLflow 3.2+ sends usage data to its servers by default; a local tool stays off the network
+    # unless told otherwise (set MLFLOW_DISABLE_TELEMETRY=false to allow it)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if not args.verbose:
         for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "mlflow", "alembic", "py4j"):
             logging.getLogger(name).setLevel(logging.ERROR)

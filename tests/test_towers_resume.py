@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import torch
+
 from recsys.config import load_config
 from tests.tiny_prepared import write_tiny_prepared
 from towers import train
@@ -15,21 +17,21 @@ from towers import train
 SETS = ["train.epochs=6", "train.batch_size=128", "train.num_negatives=32", "data.max_history=20", "train.val_k=10",
         "train.early_stopping_patience=10", "train.max_lr_decays=0", "train.register_model=false", "train.num_threads=1"]
 
-# Runs training in a child process that kills itself (SIGKILL) right after the checkpoint of epoch 3.
+# Runs training in a child process that kills itself (SIGKILL) right after last.ckpt of epoch 3 is written.
 CHILD = textwrap.dedent("""
     import os, signal, sys
     from pytorch_lightning.callbacks import ModelCheckpoint
     from recsys.config import load_config
     from towers import train
 
-    original = ModelCheckpoint.on_validation_end
+    original = ModelCheckpoint.on_train_epoch_end
 
     def save_then_die(self, trainer, pl_module):
         original(self, trainer, pl_module)
-        if trainer.current_epoch == 2:
+        if trainer.current_epoch == 2 and self.filename == "last":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    ModelCheckpoint.on_validation_end = save_then_die
+    ModelCheckpoint.on_train_epoch_end = save_then_die
     prep, run_dir, sets = sys.argv[1], sys.argv[2], sys.argv[3:]
     train.run(load_config(None, sets), prep, run_dir, resume=False, progress=False)
     print("NOT KILLED")
@@ -46,6 +48,9 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path) -> None:
                            timeout=600)
     assert child.returncode == -9, child.stdout + child.stderr  # really killed, not a clean exit
     assert (killed / "checkpoints" / "last.ckpt").exists() and not (killed / "model").exists()
+    # last.ckpt is the epoch the kill followed, whether or not validation improved in it
+    last = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2, last["epoch"]
 
     resumed = train.run(cfg, prep, killed, resume=True, progress=False)
     info = json.loads((killed / "model" / "model.json").read_text())

@@ -96,5 +96,14 @@ class TowerDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self):
+        """Validation query rows; with several ranks, rank r takes rows r, r + W, ... padded with -1
+        to the same length on every rank (so all ranks run the same number of validation steps, and
+        no user is counted twice)."""
         n = len(self.val_queries) if self.val_queries is not None else 0
-        return DataLoader(torch.arange(n), batch_size=self.val_batch_users, shuffle=False)
+        rows = torch.arange(n)
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1:
+            mine = rows[trainer.global_rank :: world]
+            rows = torch.cat([mine, torch.full((-(-n // world) - len(mine),), -1, dtype=rows.dtype)])
+        return DataLoader(rows, batch_size=self.val_batch_users, shuffle=False)

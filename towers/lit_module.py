@@ -197,6 +197,14 @@ class TwoTowerLightning(pl.LightningModule):
             self.log("train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
+    def on_fit_start(self) -> None:
+        # Data-parallel ranks draw their own negatives and dropout masks (rank 0 keeps the stream
+        # of a single-process run).
+        if self.trainer.world_size > 1:
+            seed = int(self.train_cfg["seed"]) + 1_000_003 * self.global_rank
+            self._gen.manual_seed(seed)
+            torch.manual_seed(seed)
+
     def on_train_epoch_start(self) -> None:
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_rows = 0
@@ -254,6 +262,9 @@ class TwoTowerLightning(pl.LightningModule):
         if q is None:
             return
         r = rows.cpu().numpy()
+        r = r[r >= 0]  # -1: padding of a data-parallel rank's share (TowerDataModule.val_dataloader)
+        if len(r) == 0:
+            return
         sub = q.subset(r)
         dev = self.device
         batch = {
@@ -274,7 +285,13 @@ class TwoTowerLightning(pl.LightningModule):
         self._val_n += len(r)
 
     def on_validation_epoch_end(self) -> None:
-        n = max(self._val_n, 1)
-        for k, v in self._val_sums.items():
-            self.log(f"val/{k}", v / n, prog_bar=k == f"recall@{self.train_cfg['val_k']}", sync_dist=True)
+        """Log the mean of every metric over all validation users (summed over data-parallel ranks)."""
+        names = list(ranking_metrics(np.zeros((0, max(self.val_ks)), bool), np.zeros(0, np.int64), self.val_ks, (10, 20)))
+        sums = torch.tensor([self._val_sums.get(k, 0.0) for k in names] + [float(self._val_n)], dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
+        n = max(float(sums[-1]), 1.0)
+        if float(sums[-1]) > 0:
+            for k, v in zip(names, sums[:-1].tolist(), strict=True):
+                self.log(f"val/{k}", v / n, prog_bar=k == f"recall@{self.train_cfg['val_k']}")
         self._item_vecs = self._item_offsets = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 
 from recsys.artifacts import atomic_artifact, read_manifest
 from recsys.config import Config, fingerprint, to_dict
-from towers import tracking
+from towers import ddp, tracking
 from towers.allocator import retain_freed_memory
 from towers.catalog import load_catalog
 from towers.checkpoint import save_towers
@@ -49,10 +50,34 @@ def tower_shape(cfg: Config, catalog) -> TowerShape:
         item_bias=m.item_bias,
         user_hash_buckets=m.user_hash_buckets,
         use_features=m.use_features,
-        sparse=m.sparse_embeddings and not (cfg.train.accelerator == "gpu" and cfg.train.devices > 1),
+        sparse=m.sparse_embeddings and not (cfg.train.accelerator == "gpu" and cfg.train.devices != 1),
         dropout=m.dropout,
         temperature=m.temperature,
         learn_temperature=m.learn_temperature,
+    )
+
+
+def last_checkpoint(ckpt_dir: Path, every_n_train_steps: int | None = None) -> ModelCheckpoint:
+    """A callback that overwrites ``ckpt_dir/last.ckpt`` at every epoch end (or every N training steps)."""
+    return ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
+                           every_n_train_steps=every_n_train_steps)
+
+
+def datamodule(cfg: Config, prepared: str | Path, train_splits: tuple[str, ...] = ("train",)) -> TowerDataModule:
+    """The towers' data module for ``cfg``: validation (model selection) only when training on ``("train",)``."""
+    return TowerDataModule(
+        prepared,
+        batch_size=cfg.train.batch_size,
+        max_history=cfg.data.max_history,
+        loader=cfg.train.loader,
+        num_workers=cfg.train.num_workers,
+        seed=cfg.train.seed,
+        target_events=cfg.eval.target_events,
+        bought_events=cfg.data.bought_events,
+        val_max_users=cfg.train.val_max_users,
+        val_batch_users=cfg.eval.batch_users,
+        train_splits=tuple(train_splits),
+        validate=tuple(train_splits) == ("train",),
     )
 
 
@@ -95,6 +120,9 @@ def run(
         Summary with the best validation metric, epochs, timing and paths.
     """
     prepared, run_dir = Path(prepared), Path(run_dir)
+    train_splits = tuple(train_splits)
+    processes = ddp.local_processes(cfg.train.strategy, cfg.train.accelerator, cfg.train.devices)
+    rank = ddp.process_rank()
     run_dir.mkdir(parents=True, exist_ok=True)
     prep_manifest = read_manifest(prepared)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -110,36 +138,23 @@ def run(
         # from the splits this model trains on: held-out interactions must not shape the neighbours
         nbrs = neighbors_from_examples(prepared, train_splits, shape.n_products, shape.item_neighbors, cfg.train.seed)
         lit.model.products.set_neighbors(torch.from_numpy(nbrs))
-    dm = TowerDataModule(
-        prepared,
-        batch_size=cfg.train.batch_size,
-        max_history=cfg.data.max_history,
-        loader=cfg.train.loader,
-        num_workers=cfg.train.num_workers,
-        seed=cfg.train.seed,
-        target_events=cfg.eval.target_events,
-        bought_events=cfg.data.bought_events,
-        val_max_users=cfg.train.val_max_users,
-        val_batch_users=cfg.eval.batch_users,
-        train_splits=train_splits,
-        validate=tuple(train_splits) == ("train",),
-    )
+    dm = datamodule(cfg, prepared, train_splits)
     dm.setup()
     lit.val_queries = dm.val_queries
     has_val = dm.val_queries is not None and len(dm.val_queries) > 0
     monitor = f"val/recall@{cfg.train.val_k}"
     ckpt_dir = run_dir / ("checkpoints" if out_name == "model" else f"checkpoints_{out_name}")
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="best",
-            monitor=monitor if has_val else None,
-            mode="max",
-            save_last=True,
-            save_top_k=1,
-            every_n_train_steps=cfg.train.checkpoint_every_n_steps or None,
-        )
+        # without validation every epoch is "best", and save_last then writes last.ckpt every epoch too
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor if has_val else None, mode="max", save_top_k=1,
+                        save_last=not has_val)
     ]
+    if has_val:
+        # last.ckpt, what a resume starts from, after every epoch: Lightning 2.6's save_last=True
+        # writes it only when the monitored metric improves, and a resume would redo the epochs since
+        callbacks.append(last_checkpoint(ckpt_dir))
+    if cfg.train.checkpoint_every_n_steps > 0:
+        callbacks.append(last_checkpoint(ckpt_dir, every_n_train_steps=cfg.train.checkpoint_every_n_steps))
     plateau = None
     if has_val:
         plateau = PlateauDecay(monitor, ckpt_dir / "best.ckpt", cfg.train.lr_decay_factor, cfg.train.lr_decay_patience,
@@ -150,6 +165,12 @@ def run(
     if cfg.train.max_minutes > 0:
         callbacks.append(Timer(duration={"minutes": cfg.train.max_minutes}))
 
+    ckpt_path = ckpt_dir / "last.ckpt"
+    resuming = resume and ckpt_path.exists()
+    if rank != 0:  # a data-parallel worker: join the fit; rank 0 logs, checkpoints and writes the model
+        trainer = pl.Trainer(**_trainer_args(cfg, epochs, callbacks, False, False, has_val, processes))
+        trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if resuming else None)
+        return {"rank": rank}
     uri = tracking.tracking_uri(cfg.train.tracking_uri, run_dir)
     exp_id = tracking.ensure_experiment(uri, cfg.train.experiment, run_dir)
     from pytorch_lightning.loggers import CSVLogger, MLFlowLogger
@@ -159,8 +180,6 @@ def run(
     existing = ckpt_dir / "mlflow_run_id.txt"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     cfg_fp = fingerprint(to_dict(cfg))
-    ckpt_path = ckpt_dir / "last.ckpt"
-    resuming = resume and ckpt_path.exists()
     if resume and existing.exists():
         # Resume into the same MLflow run only with the same config: MLflow refuses changed params.
         stored = existing.read_text().split()
@@ -178,30 +197,22 @@ def run(
         for p in parts:
             p.unlink()
     loggers = [mlf, CSVLogger(str(run_dir), name="logs", version=version)]
-    precision = cfg.train.precision
-    if cfg.train.accelerator == "gpu" and precision == "32-true":
-        precision = "bf16-mixed"
-    trainer = pl.Trainer(
-        max_epochs=epochs or cfg.train.epochs,
-        accelerator=cfg.train.accelerator,
-        devices=cfg.train.devices,
-        strategy=cfg.train.strategy,
-        precision=precision,
-        callbacks=callbacks,
-        logger=loggers,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=cfg.train.val_every_n_epochs,
-        limit_val_batches=1.0 if has_val else 0,
-        reload_dataloaders_every_n_epochs=1,
-        log_every_n_steps=50,
-        deterministic=False,
-    )
     t0 = time.time()
     mlf.log_hyperparams(tracking.flatten(to_dict(cfg)))
     existing.write_text(f"{mlf.run_id} {cfg_fp}")
-    trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if resuming else None)
+    worker_dir = run_dir / "logs" / f"ddp_{out_name}"
+    if processes > 1 and not ddp.externally_launched():
+        # the workers repeat this call: same config and arguments, resuming exactly when rank 0 does
+        worker_dir.mkdir(parents=True, exist_ok=True)
+        spec = {"config": to_dict(cfg), "run": {
+            "prepared": str(prepared.resolve()), "run_dir": str(run_dir.resolve()), "resume": resuming, "progress": False,
+            "train_splits": list(train_splits), "epochs": epochs, "out_name": out_name,
+            "lr_schedule": lr_schedule, "popularity_prior": popularity_prior}}
+        (worker_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+    command = [sys.executable, "-m", "towers.ddp_worker", str((worker_dir / "spec.json").resolve())]
+    with ddp.worker_processes(processes, command, worker_dir):
+        trainer = pl.Trainer(**_trainer_args(cfg, epochs, callbacks, loggers, progress, has_val, processes))
+        trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if resuming else None)
     train_seconds = time.time() - t0
 
     best_path = callbacks[0].best_model_path or str(ckpt_path)
@@ -251,6 +262,34 @@ def run(
     _log_model(uri, mlf.run_id, model_dir, cfg, monitor, extra["best_val"][monitor])
     (run_dir / f"train_summary_{out_name}.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _trainer_args(cfg: Config, epochs: int | None, callbacks: list[pl.Callback], loggers, progress: bool,
+                  has_val: bool, processes: int) -> dict[str, Any]:
+    """``pl.Trainer`` arguments of a towers fit (the same on every data-parallel rank but the loggers)."""
+    precision = cfg.train.precision
+    if cfg.train.accelerator == "gpu" and precision == "32-true":
+        precision = "bf16-mixed"
+    return dict(
+        max_epochs=epochs or cfg.train.epochs,
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices,
+        strategy=ddp.lightning_strategy(cfg.train.strategy, processes),
+        precision=precision,
+        callbacks=callbacks,
+        logger=loggers,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=cfg.train.val_every_n_epochs,
+        limit_val_batches=1.0 if has_val else 0,
+        reload_dataloaders_every_n_epochs=1,
+        log_every_n_steps=50,
+        deterministic=False,
+        # the training loaders shard by rank themselves and the validation loader is sharded without
+        # padding (TowerDataModule); Lightning's DistributedSampler would repeat validation users
+        use_distributed_sampler=False,
+    )
 
 
 def _best_epoch(path: str, fallback: int) -> int:
