@@ -139,7 +139,7 @@ class TrainConfig:
     val_k: int = 20
     val_max_users: int = 20000
     num_workers: int = 0
-    num_threads: int = 0  # torch intra-op threads; 0 = one per core
+    num_threads: int = 0  # torch intra-op threads per training process; 0 = the cores divided among the processes
     # Keep freed memory mapped instead of returning it to the kernel after every step (glibc only;
     # towers/allocator.py): the page faults that avoids were half of a CPU step on 1M-row tables.
     retain_freed_memory: bool = True

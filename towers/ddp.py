@@ -45,6 +45,8 @@ def local_processes(strategy: str, accelerator: str, devices: int) -> int:
         if accelerator not in ("gpu", "cuda"):
             raise ValueError("train.devices=-1 (all devices) needs train.accelerator=gpu; give a number of CPU processes")
         devices = torch.cuda.device_count()
+        if devices == 0:
+            raise ValueError("train.devices=-1 (every GPU): no GPU is visible to torch")
     if devices < 1:
         raise ValueError(f"train.devices must be >= 1 (or -1 for every GPU), got {devices}")
     if devices == 1:

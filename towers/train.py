@@ -126,7 +126,8 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     prep_manifest = read_manifest(prepared)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    torch.set_num_threads(cfg.train.num_threads or max(1, os.cpu_count() or 1))
+    # several CPU ranks share the cores: each gets its part (all of them would oversubscribe)
+    torch.set_num_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // processes))
     if cfg.train.retain_freed_memory:
         retain_freed_memory()
     catalog = load_catalog(prepared)
