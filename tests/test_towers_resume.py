@@ -62,3 +62,38 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path) -> None:
     assert epochs == [0, 1, 2, 3, 4, 5], epochs
     a, b = straight["val/recall@10"], resumed["val/recall@10"]
     assert a > 0.5 and abs(a - b) < 0.05, (a, b)
+
+
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    return torch.load(model_dir / "towers.pt", map_location="cpu", weights_only=True)
+
+
+def test_a_changed_config_trains_afresh_instead_of_resuming_the_old_run(tmp_path) -> None:
+    # `recsys fit` reruns training when its config or data changed, with resume on: the old run's
+    # last.ckpt must not be continued (it would return the old model under the new config)
+    prep = write_tiny_prepared(tmp_path / "prep")
+    sets = [*SETS, "train.epochs=2"]
+    train.run(load_config(None, sets), prep, tmp_path / "run", resume=False, progress=False)
+    old = _weights(tmp_path / "run" / "model")
+    changed = load_config(None, [*sets, "train.lr_sparse=0.02"])
+    train.run(changed, prep, tmp_path / "run", resume=True, progress=False)
+    train.run(changed, prep, tmp_path / "fresh", resume=False, progress=False)
+    again, fresh = _weights(tmp_path / "run" / "model"), _weights(tmp_path / "fresh" / "model")
+    assert all(torch.equal(again[k], fresh[k]) for k in fresh)  # the same as training from scratch
+    assert not torch.equal(again["products.id_emb.weight"], old["products.id_emb.weight"])
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    stored = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["recsys"]
+    assert stored["config"]["train"]["lr_sparse"] == 0.02 and stored["vocab_fingerprint"] == train.vocab_fingerprint(prep)
+
+
+def test_resume_key_ignores_how_training_runs_but_not_what_it_learns(tmp_path) -> None:
+    cfg = load_config(None, SETS)
+    manifest = {"files": {"examples/train/part-0.parquet": {"sha256": "a"}}}
+    key = train.resume_key(cfg, manifest, ("train",), None, None)
+    assert train.resume_key(load_config(None, [*SETS, "train.num_threads=2", "train.devices=2"]), manifest, ("train",), None, None) == key
+    assert train.resume_key(load_config(None, [*SETS, "train.lr_sparse=0.02"]), manifest, ("train",), None, None) != key
+    assert train.resume_key(cfg, {"files": {"examples/train/part-0.parquet": {"sha256": "b"}}}, ("train",), None, None) != key
+    assert train.resume_key(cfg, manifest, ("train", "val"), 3, None) != key
+    assert not train.resumable(tmp_path / "missing.ckpt", key)
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    assert not train.resumable(tmp_path / "broken.ckpt", key)

@@ -51,6 +51,8 @@ class TwoTowerLightning(pl.LightningModule):
         self._val_n = 0
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_rows = 0
+        # stored in every checkpoint: resume key, resolved config, vocab fingerprint (towers.train)
+        self.run_info: dict = {}
 
     # ------------------------------------------------------------------ training
     def set_catalog(self, catalog) -> None:
@@ -196,6 +198,9 @@ class TwoTowerLightning(pl.LightningModule):
         if self.global_step % max(1, int(self.trainer.log_every_n_steps)) == 0:
             self.log("train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["recsys"] = self.run_info
 
     def on_fit_start(self) -> None:
         # Data-parallel ranks draw their own negatives and dropout masks (rank 0 keeps the stream

@@ -57,6 +57,33 @@ def tower_shape(cfg: Config, catalog) -> TowerShape:
     )
 
 
+# train settings that say how to run, not what to learn: changing them does not prevent a resume
+RUN_ONLY_SETTINGS = ("num_threads", "num_workers", "devices", "accelerator", "strategy", "max_minutes", "tracking_uri",
+                     "experiment", "register_model", "huge_pages", "retain_freed_memory", "loader", "checkpoint_every_n_steps")
+
+
+def resume_key(cfg: Config, prep_manifest: dict, train_splits, epochs: int | None, lr_schedule: dict | None) -> str:
+    """Fingerprint of everything a towers training depends on: the config sections it reads (less
+    :data:`RUN_ONLY_SETTINGS`), the prepared files' checksums, the splits, the epochs and the schedule."""
+    train_cfg = {k: v for k, v in to_dict(cfg.train).items() if k not in RUN_ONLY_SETTINGS}
+    return fingerprint({"data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": train_cfg, "eval": to_dict(cfg.eval),
+                        "files": prep_manifest.get("files", {}), "train_splits": list(train_splits), "epochs": epochs,
+                        "lr_schedule": lr_schedule or {}})
+
+
+def resumable(ckpt: Path, key: str) -> bool:
+    """Whether ``ckpt`` exists and was written by a training with this :func:`resume_key`."""
+    if not ckpt.exists():
+        return False
+    try:
+        # mmap: the id tables are not read to get at the small "recsys" entry
+        stored = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False).get("recsys") or {}
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        log.warning("cannot read %s (%s): training starts over", ckpt, e)
+        return False
+    return stored.get("resume_key") == key
+
+
 def last_checkpoint(ckpt_dir: Path, every_n_train_steps: int | None = None) -> ModelCheckpoint:
     """A callback that overwrites ``ckpt_dir/last.ckpt`` at every epoch end (or every N training steps)."""
     return ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
@@ -167,7 +194,12 @@ def run(
         callbacks.append(Timer(duration={"minutes": cfg.train.max_minutes}))
 
     ckpt_path = ckpt_dir / "last.ckpt"
-    resuming = resume and ckpt_path.exists()
+    # Checkpoints carry what they were trained with (the issue: "checkpoints store the resolved config
+    # and vocab fingerprint"), and a resume must continue the same training: `recsys fit` reruns this
+    # stage when its config or data changed, and resuming the old last.ckpt would return the old model.
+    lit.run_info = {"resume_key": resume_key(cfg, prep_manifest, train_splits, epochs, lr_schedule),
+                    "config": to_dict(cfg), "vocab_fingerprint": vocab_fingerprint(prepared)}
+    resuming = resume and resumable(ckpt_path, lit.run_info["resume_key"])
     if rank != 0:  # a data-parallel worker: join the fit; rank 0 logs, checkpoints and writes the model
         trainer = pl.Trainer(**_trainer_args(cfg, epochs, callbacks, False, False, has_val, processes))
         trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if resuming else None)
@@ -180,8 +212,15 @@ def run(
     mlf._experiment_id = exp_id
     existing = ckpt_dir / "mlflow_run_id.txt"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        if resume and ckpt_path.exists():
+            log.warning("%s is from another training (config, data or schedule changed): training starts over", ckpt_path)
+        # A fresh start must not meet the last run's files: PlateauDecay would restore its best.ckpt,
+        # and ModelCheckpoint would write best-v1.ckpt beside it.
+        for old in ckpt_dir.glob("*.ckpt"):
+            old.unlink()
     cfg_fp = fingerprint(to_dict(cfg))
-    if resume and existing.exists():
+    if resuming and existing.exists():
         # Resume into the same MLflow run only with the same config: MLflow refuses changed params.
         stored = existing.read_text().split()
         if len(stored) == 2 and stored[1] == cfg_fp:
