@@ -115,6 +115,8 @@ def test_training_learns_planted_clusters(tmp_path, neighbors: int) -> None:
     # 20 products per cluster, 10 seen: chance recall@10 is ~10/110; the clusters make it reachable.
     assert tt["recall@10"] > 0.8 > pop["recall@10"] * 3
     assert report["models"]["two_tower"]["sellers"]["recall@10"] > 0.9
+    if not neighbors:
+        _check_tracking(summary, cfg)
     if neighbors:
         from towers.checkpoint import load_towers
         from towers.item_neighbors import neighbors_from_examples
@@ -122,6 +124,25 @@ def test_training_learns_planted_clusters(tmp_path, neighbors: int) -> None:
         model, _ = load_towers(tmp_path / "run" / "model")
         want = neighbors_from_examples(prep, ["train"], model.shape.n_products, neighbors, cfg.train.seed)
         assert (want > 0).any() and np.array_equal(model.products.neighbors.numpy(), want)
+
+
+def _check_tracking(summary: dict, cfg) -> None:
+    """The MLflow run of a training + evaluation: config params, per-epoch metrics, the model and the
+    evaluation report as artifacts, the registered model behind the ``champion`` alias."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    run_id = summary["mlflow_run_id"]
+    params = client.get_run(run_id).data.params
+    assert params["train.lr_sparse"] == str(cfg.train.lr_sparse) and params["model.dim"] == str(cfg.model.dim)
+    assert len(client.get_metric_history(run_id, "val/recall10")) == summary["epochs"]  # MLflow drops the "@"
+    assert len(client.get_metric_history(run_id, "train/loss_epoch")) == summary["epochs"]
+    assert client.get_metric_history(run_id, "test_products_recall_at_10")
+    towers = {a.path for a in client.list_artifacts(run_id, "towers")}
+    assert {"towers/towers.pt", "towers/model.json"} <= towers
+    assert "eval/report.json" in {a.path for a in client.list_artifacts(run_id, "eval")}
+    mv = client.get_model_version_by_alias(f"{cfg.train.experiment}-two-tower", "champion")
+    assert mv.run_id == run_id
 
 
 def _reference_loss(q, p, pid, t, neg, nid, pc, nc, w, valid):
