@@ -1,5 +1,6 @@
-"""Killing training (SIGKILL, no cleanup) and resuming from the last checkpoint ends within noise of an
-uninterrupted run."""
+"""Training that stops and starts again: killing it (SIGKILL, no cleanup) and resuming from the last
+checkpoint ends within noise of an uninterrupted run; a changed config trains afresh instead of
+resuming; a NaN loss stops it with an error naming the step."""
 
 from __future__ import annotations
 
@@ -97,3 +98,21 @@ def test_resume_key_ignores_how_training_runs_but_not_what_it_learns(tmp_path) -
     assert not train.resumable(tmp_path / "missing.ckpt", key)
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
     assert not train.resumable(tmp_path / "broken.ckpt", key)
+
+
+def test_a_nan_loss_stops_training_with_an_error_naming_the_step(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    from towers.lit_module import TrainingDivergedError, TwoTowerLightning
+
+    prep = write_tiny_prepared(tmp_path / "prep")
+    original = TwoTowerLightning.compute_loss
+
+    def poisoned(self, batch):
+        loss, parts = original(self, batch)
+        return (loss * float("nan") if self.current_epoch == 1 else loss), parts
+
+    monkeypatch.setattr(TwoTowerLightning, "compute_loss", poisoned)
+    with pytest.raises(TrainingDivergedError, match=r"training loss is nan at global step \d+ \(epoch 1, batch 0\)"):
+        train.run(load_config(None, SETS), prep, tmp_path / "run", resume=False, progress=False)
+    assert not (tmp_path / "run" / "model").exists()
