@@ -168,6 +168,7 @@ class EvalConfig:
     ndcg_ks: tuple[int, ...] = (10, 20)
     exclude_train: bool = True
     batch_users: int = 1024
+    device: str = "cpu"  # where `recsys evaluate` scores the catalog: cpu | cuda | auto (cuda when available)
     baselines: tuple[str, ...] = ("popularity", "als")
     als_rank: int = 64
     als_iterations: int = 10

@@ -42,3 +42,15 @@ def test_users_per_batch_bounds_the_score_matrix() -> None:
     assert users_per_batch(1024, 1_000_000) == 67  # 1M products: 256 MiB of float32 scores
     assert users_per_batch(1024, 1_000_000, itemsize=2) == 134
     assert users_per_batch(1024, 10**12) == 1
+
+
+def test_eval_device_setting() -> None:
+    from towers.evaluate import eval_device
+
+    assert eval_device("cpu") == torch.device("cpu")
+    assert eval_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="eval.device must be cpu, cuda or auto"):
+        eval_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no GPU"):
+            eval_device("cuda")

@@ -95,6 +95,17 @@ def score_lists(
     return res
 
 
+def eval_device(name: str) -> torch.device:
+    """``eval.device`` as a torch device: ``cpu``, ``cuda`` (``cuda:N``), or ``auto`` (cuda when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"eval.device={name!r}, but torch sees no GPU (use cpu or auto)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"eval.device must be cpu, cuda or auto, got {name!r}")
+    return torch.device(name)
+
+
 def evaluated_model_dir(run_dir: Path, split: str) -> Path:
     """The model to evaluate on ``split``: the full-data refit when it never saw that split, else
     the model selected on validation (trained on the train split only)."""
@@ -142,7 +153,13 @@ def run(cfg: Config, run_dir: str | Path, prepared: str | Path | None = None, sp
     cold_sellers = scount <= 0
     cold_sellers[0] = False
 
+    dev = eval_device(cfg.eval.device)
+
     def evaluate(name: str, uvec, pvec, svec, pbias=None) -> dict[str, Any]:
+        # the vectors are built on the CPU; the [users, catalog] products run on `dev`
+        uvec, pvec = uvec.to(dev), pvec.to(dev)
+        svec = svec.to(dev) if svec is not None else None
+        pbias = pbias.to(dev) if pbias is not None else None
         top, _ = topk_excluding(uvec, pvec, q.exclude, K, cfg.eval.batch_users, item_bias=pbias)
         out = {"products": score_lists(top, q, q.targets, ks, ndcg_ks, pcount, shape.n_products, slices, cold_products)}
         if shape.has_sellers and svec is not None and len(q.seller_targets[1]):
