@@ -97,13 +97,15 @@ def test_several_weightings_share_one_lookup(sparse: bool) -> None:
     torch.testing.assert_close(w.grad, w_ref.grad)
 
 
+# in_numpy=False: the path GPUs take (torch.sort), run here on the CPU
+@pytest.mark.parametrize("in_numpy", [True, False])
 @pytest.mark.parametrize("offset", [0, 2**20 - 10, 2**62])  # one, two and four radix passes
 @pytest.mark.parametrize("with_valid", [False, True])
-def test_sorted_groups_is_a_stable_grouping(offset: int, with_valid: bool) -> None:
+def test_sorted_groups_is_a_stable_grouping(offset: int, with_valid: bool, in_numpy: bool) -> None:
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 20, (300,), generator=g) + offset
     valid = torch.rand(300, generator=g) > 0.3 if with_valid else None
-    uniq, order, counts, starts = sorted_groups(ids, valid)
+    uniq, order, counts, starts = sorted_groups(ids, valid, in_numpy)
     pos = torch.arange(300) if valid is None else valid.nonzero().squeeze(1)
     expected = sorted(pos.tolist(), key=lambda i: (ids[i].item(), i))  # by id, then position
     assert order.tolist() == expected
@@ -113,11 +115,12 @@ def test_sorted_groups_is_a_stable_grouping(offset: int, with_valid: bool) -> No
     assert torch.equal(ids[order[starts]], uniq)
 
 
+@pytest.mark.parametrize("in_numpy", [True, False])
 @pytest.mark.parametrize("big_ids", [False, True])
-def test_sorted_groups_small_known_answer(big_ids: bool) -> None:
+def test_sorted_groups_small_known_answer(big_ids: bool, in_numpy: bool) -> None:
     ids = torch.tensor([5, 2, 5, 2, 9, 5]) + (2**61 if big_ids else 0)
     valid = torch.tensor([True, True, True, False, True, True])
-    uniq, order, counts, starts = sorted_groups(ids, valid)
+    uniq, order, counts, starts = sorted_groups(ids, valid, in_numpy)
     assert (uniq - (2**61 if big_ids else 0)).tolist() == [2, 5, 9]
     # positions by id, ties in entry order; the invalid entry 3 is left out
     assert order.tolist() == [1, 0, 2, 5, 4] and counts.tolist() == [1, 3, 1] and starts.tolist() == [0, 1, 4]
