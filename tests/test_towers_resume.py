@@ -116,3 +116,20 @@ def test_a_nan_loss_stops_training_with_an_error_naming_the_step(tmp_path, monke
     with pytest.raises(TrainingDivergedError, match=r"training loss is nan at global step \d+ \(epoch 1, batch 0\)"):
         train.run(load_config(None, SETS), prep, tmp_path / "run", resume=False, progress=False)
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_finished_training_is_trained_again_not_resumed(tmp_path) -> None:
+    # resuming a run that ended (early stopping, the last epoch) would restart its stopped schedule
+    import csv
+
+    prep = write_tiny_prepared(tmp_path / "prep")
+    cfg = load_config(None, [*SETS, "train.epochs=2"])
+    first = train.run(cfg, prep, tmp_path / "run", resume=True, progress=False)
+    w1 = _weights(tmp_path / "run" / "model")
+    again = train.run(cfg, prep, tmp_path / "run", resume=True, progress=False)
+    assert again["epochs"] == first["epochs"] == 2
+    with open(tmp_path / "run" / "logs" / "towers" / "metrics.csv") as f:
+        epochs = {r["epoch"] for r in csv.DictReader(f) if r.get("val/recall@10")}
+    assert epochs == {"0", "1"}  # both epochs trained again, not a resumed remainder
+    w2 = _weights(tmp_path / "run" / "model")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # and, seeded, to the same weights

@@ -199,7 +199,9 @@ def run(
     # stage when its config or data changed, and resuming the old last.ckpt would return the old model.
     lit.run_info = {"resume_key": resume_key(cfg, prep_manifest, train_splits, epochs, lr_schedule),
                     "config": to_dict(cfg), "vocab_fingerprint": vocab_fingerprint(prepared)}
-    resuming = resume and resumable(ckpt_path, lit.run_info["resume_key"])
+    # a training that ran to its end is not resumed: it would restart its stopped schedule
+    finished = ckpt_dir / "finished.txt"
+    resuming = resume and not finished.exists() and resumable(ckpt_path, lit.run_info["resume_key"])
     if rank != 0:  # a data-parallel worker: join the fit; rank 0 logs, checkpoints and writes the model
         trainer = pl.Trainer(**_trainer_args(cfg, epochs, callbacks, False, False, has_val, processes))
         trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if resuming else None)
@@ -213,12 +215,12 @@ def run(
     existing = ckpt_dir / "mlflow_run_id.txt"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
-        if resume and ckpt_path.exists():
+        if resume and ckpt_path.exists() and not finished.exists():
             log.warning("%s is from another training (config, data or schedule changed): training starts over", ckpt_path)
         # A fresh start must not meet the last run's files: PlateauDecay would restore its best.ckpt,
         # and ModelCheckpoint would write best-v1.ckpt beside it.
-        for old in ckpt_dir.glob("*.ckpt"):
-            old.unlink()
+        for old in [*ckpt_dir.glob("*.ckpt"), finished]:
+            old.unlink(missing_ok=True)
     cfg_fp = fingerprint(to_dict(cfg))
     if resuming and existing.exists():
         # Resume into the same MLflow run only with the same config: MLflow refuses changed params.
@@ -254,6 +256,7 @@ def run(
         trainer = pl.Trainer(**_trainer_args(cfg, epochs, callbacks, loggers, progress, has_val, processes))
         trainer.fit(lit, datamodule=dm, ckpt_path=str(ckpt_path) if resuming else None)
     train_seconds = time.time() - t0
+    finished.write_text(lit.run_info["resume_key"])
 
     best_path = callbacks[0].best_model_path or str(ckpt_path)
     best_score = callbacks[0].best_model_score
