@@ -177,6 +177,11 @@ class EvalConfig:
     heavy_user_quantile: float = 0.8
 
 
+# The eval settings that towers training reads (validation targets, the cut-offs it logs): the others
+# (baselines, ALS, slices, the evaluation device) change the evaluation only, not the trained model.
+TRAINING_EVAL_KEYS = ("target_events", "ks")
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
     index_factory: str = ""  # "" = choose by catalog size

@@ -18,12 +18,12 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from recsys.artifacts import MANIFEST, input_fingerprint
-from recsys.config import Config, fingerprint, to_dict
+from recsys.config import TRAINING_EVAL_KEYS, Config, fingerprint, to_dict
 
 STATE = "stages.json"
 
@@ -39,6 +39,16 @@ class Stage:
     # An optional stage's failure is reported and recorded, but does not undo the artifacts that
     # `recommend` and `serve` need (the ranker re-orders; retrieval works without it).
     optional: bool = False
+    # For these sections only these keys count in the stage's key (the stage reads no others).
+    only: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def config_key(self, cfg: Config) -> dict[str, Any]:
+        """The config values this stage's key covers: its sections, narrowed by ``only``."""
+        out = {}
+        for s in self.sections:
+            d = to_dict(getattr(cfg, s))
+            out[s] = {k: d[k] for k in self.only[s]} if s in self.only else d
+        return out
 
 
 @dataclass
@@ -170,7 +180,7 @@ def stages(cfg: Config) -> list[Stage]:
     """The ordered offline stages for this configuration."""
     out = [
         Stage("prepare", "prepared", ("data",), _prepare),
-        Stage("train", "model", ("data", "model", "train", "eval"), _train),
+        Stage("train", "model", ("data", "model", "train", "eval"), _train, only={"eval": TRAINING_EVAL_KEYS}),
     ]
     if cfg.train.refit_full:
         out.append(Stage("refit", "model_full", ("data", "model", "train"), _refit))
@@ -256,8 +266,7 @@ def fit(cfg: Config, run_dir: str | Path, data: str | None = None, from_stage: s
     forced = False
     results: dict[str, Any] = {}
     for st in plan:
-        sections = {s: to_dict(getattr(cfg, s)) for s in st.sections}
-        key = fingerprint({"sections": sections, "upstream": upstream, "source": source})
+        key = fingerprint({"sections": st.config_key(cfg), "upstream": upstream, "source": source})
         forced = forced or st.name == from_stage
         done = state.get(st.name, {})
         art = run_dir / st.artifact

@@ -79,3 +79,14 @@ def test_rerun_skips_unchanged_stages(fitted, capsys) -> None:
     assert main([*args, "--from", "export"]) == 0
     again = json.loads((run / "stages.json").read_text())
     assert again["train"] == before["train"] and again["export"]["summary"] is not None
+
+
+def test_an_evaluation_setting_reruns_evaluation_not_training(fitted, capsys) -> None:
+    _, run, args = fitted
+    before = json.loads((run / "stages.json").read_text())
+    capsys.readouterr()
+    assert main([*args, "--set", "eval.heavy_user_quantile=0.7"]) == 0
+    err = capsys.readouterr().err
+    after = json.loads((run / "stages.json").read_text())
+    assert "train: up to date" in err and "evaluate: running" in err, err
+    assert after["train"] == before["train"] and after["evaluate"]["key"] != before["evaluate"]["key"]

@@ -15,7 +15,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 
 from recsys.artifacts import atomic_artifact, read_manifest
-from recsys.config import Config, fingerprint, to_dict
+from recsys.config import TRAINING_EVAL_KEYS, Config, fingerprint, to_dict
 from towers import ddp, tracking
 from towers.allocator import retain_freed_memory
 from towers.catalog import load_catalog
@@ -63,10 +63,12 @@ RUN_ONLY_SETTINGS = ("num_threads", "num_workers", "devices", "accelerator", "st
 
 
 def resume_key(cfg: Config, prep_manifest: dict, train_splits, epochs: int | None, lr_schedule: dict | None) -> str:
-    """Fingerprint of everything a towers training depends on: the config sections it reads (less
-    :data:`RUN_ONLY_SETTINGS`), the prepared files' checksums, the splits, the epochs and the schedule."""
+    """Fingerprint of everything a towers training depends on: the config it reads (less
+    :data:`RUN_ONLY_SETTINGS`; of ``eval`` only ``TRAINING_EVAL_KEYS``), the prepared files' checksums,
+    the splits, the epochs and the schedule."""
     train_cfg = {k: v for k, v in to_dict(cfg.train).items() if k not in RUN_ONLY_SETTINGS}
-    return fingerprint({"data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": train_cfg, "eval": to_dict(cfg.eval),
+    eval_cfg = {k: v for k, v in to_dict(cfg.eval).items() if k in TRAINING_EVAL_KEYS}
+    return fingerprint({"data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": train_cfg, "eval": eval_cfg,
                         "files": prep_manifest.get("files", {}), "train_splits": list(train_splits), "epochs": epochs,
                         "lr_schedule": lr_schedule or {}})
 
