@@ -135,3 +135,11 @@ def test_two_process_cpu_fit_trains_once_and_validates_every_user_once(tmp_path)
     for name in ("val/recall@10", "val/ndcg@10", "val/mrr"):
         assert logged[name][-1] == pytest.approx(result["single"][name], abs=1e-6), name
     assert result["summary"]["val/recall@10"] > 0.5  # it learned the planted clusters
+
+
+def test_a_worker_failing_after_the_fit_is_a_warning(tmp_path, clean_launch_env, caplog) -> None:
+    code = "import sys, time; time.sleep(0.5); sys.exit(4)"
+    with caplog.at_level("WARNING", logger="towers.ddp"):
+        with ddp.worker_processes(2, [sys.executable, "-c", code], tmp_path):
+            pass  # rank 0's fit ended before the worker failed
+    assert "training rank 1 exited with status 4" in caplog.text
