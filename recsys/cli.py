@@ -373,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "mlflow", "alembic", "py4j"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # Lightning and MLflow raise their loggers back to INFO when they are imported (later, by the
+        # stage that needs them): the handler drops what is below WARNING, and MLflow reads its level here
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
         import warnings
 
