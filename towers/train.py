@@ -135,7 +135,9 @@ def run(
         cfg: resolved configuration.
         prepared: prepared artifact directory (from ``recsys prepare``).
         run_dir: where checkpoints, the MLflow store and the model artifact go.
-        resume: continue from ``RUN_DIR/checkpoints[_<out_name>]/last.ckpt`` when it exists.
+        resume: continue from ``RUN_DIR/checkpoints[_<out_name>]/last.ckpt`` when it exists, was
+            written by this same training (:func:`resume_key`) and that training did not finish;
+            otherwise train from scratch (removing the old checkpoints).
         progress: show Lightning's progress bar.
         train_splits: example splits to train on; validation (model selection, early stopping)
             runs only when this is just ``("train",)``.
