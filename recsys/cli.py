@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the two-tower model on a prepared artifact")
     t.add_argument("--prepared", required=True, help="prepared artifact directory")
     t.add_argument("--out", required=True, help="run directory (checkpoints, MLflow store, model)")
-    t.add_argument("--no-resume", action="store_true", help="ignore an existing last checkpoint")
+    t.add_argument("--no-resume", action="store_true",
+                   help="train from scratch (by default an unfinished training of the same config and data resumes)")
     _add_config_args(t)
     t.set_defaults(fn=cmd_train)
 
