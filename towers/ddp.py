@@ -129,13 +129,17 @@ def worker_processes(processes: int, command: list[str], log_dir: str | Path, jo
             with open(path, "wb") as out:
                 env = {**os.environ, **launch, "LOCAL_RANK": str(rank), "RECSYS_PARENT_PID": str(os.getpid())}
                 procs.append((rank, subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT), path))
-        threading.Thread(target=_watch, args=(procs, done, grace_s), daemon=True, name="ddp-worker-watch").start()
+        detected: list[str] = []
+        threading.Thread(target=_watch, args=(procs, done, grace_s, detected), daemon=True, name="ddp-worker-watch").start()
         os.environ.update(launch, LOCAL_RANK="0")
         try:
             yield
         except BaseException as e:
             done.set()
-            failure = _failure(procs, wait_s=5.0)
+            # A worker that was already dead caused this (the watcher's interrupt, or a collective
+            # that lost its peer). One that dies later dies of rank 0's own error, which is the one
+            # to report: rank 0 still holds the process group here, so its peers are still waiting.
+            failure = detected[0] if detected else _failure(procs, wait_s=0.5)
             if failure:
                 raise RuntimeError(failure) from e
             raise
@@ -181,11 +185,13 @@ def _failure(procs: list[tuple[int, subprocess.Popen, Path]], wait_s: float) -> 
         time.sleep(0.2)
 
 
-def _watch(procs: list[tuple[int, subprocess.Popen, Path]], done: threading.Event, grace_s: float, period_s: float = 1.0) -> None:
+def _watch(procs: list[tuple[int, subprocess.Popen, Path]], done: threading.Event, grace_s: float, detected: list[str],
+           period_s: float = 1.0) -> None:
     while not done.wait(period_s):
         failure = _failure(procs, wait_s=0.0)
         if failure is None:
             continue
+        detected.append(failure)
         for _, other, _ in procs:
             if other.poll() is None:
                 other.kill()
