@@ -136,8 +136,9 @@ def _module(rows: int, cfg: Config) -> TwoTowerLightning:
     return lit
 
 
-def bench_plain(rows: int, cfg: Config, batches, warmup: int) -> float:
-    lit = _module(rows, cfg)
+def _plain_step(lit: TwoTowerLightning, cfg: Config):
+    """``step(batch)``: the module's loss, ``zero_grad``, ``backward`` and its optimizers, by hand,
+    with the config's memory settings."""
     opts = lit.configure_optimizers()
     if cfg.train.huge_pages:
         lit.use_huge_pages(opts)
@@ -150,13 +151,28 @@ def bench_plain(rows: int, cfg: Config, batches, warmup: int) -> float:
         for o in opts:
             o.step()
 
-    return _rate(step, batches, warmup)
+    return step
+
+
+def _fit_one_epoch(lit: TwoTowerLightning, batches, accelerator: str, callback) -> None:
+    """``pl.Trainer.fit`` over ``batches`` (one epoch, no validation, logging or checkpoints)."""
+    import pytorch_lightning as pl
+
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    trainer = pl.Trainer(max_epochs=1, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, callbacks=[callback],
+                         precision="bf16-mixed" if accelerator == "gpu" else "32-true")
+    trainer.fit(lit, train_dataloaders=loader)
+
+
+def bench_plain(rows: int, cfg: Config, batches, warmup: int) -> float:
+    return _rate(_plain_step(_module(rows, cfg), cfg), batches, warmup)
 
 
 def bench_lightning(rows: int, cfg: Config, batches, warmup: int, accelerator: str) -> float:
     import pytorch_lightning as pl
 
-    lit = _module(rows, cfg)
     times: list[float] = []
 
     class Clock(pl.Callback):
@@ -168,12 +184,7 @@ def bench_lightning(rows: int, cfg: Config, batches, warmup: int, accelerator: s
         def on_train_end(self, trainer, module):
             times.append(time.perf_counter())
 
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
-    trainer = pl.Trainer(max_epochs=1, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, callbacks=[Clock()],
-                         precision="bf16-mixed" if accelerator == "gpu" else "32-true")
-    trainer.fit(lit, train_dataloaders=loader)
+    _fit_one_epoch(_module(rows, cfg), batches, accelerator, Clock())
     return _median_rate(times, len(batches[0]["user_idx"]))
 
 
@@ -196,21 +207,13 @@ def bench_interleaved(rows: int, cfg: Config, batches, warmup: int, plain_first:
     made = {}
     for name in ("plain", "lightning") if plain_first else ("lightning", "plain"):
         made[name] = _module(rows, cfg)
-    plain, lit = made["plain"], made["lightning"]
-    opts = plain.configure_optimizers()
-    if cfg.train.huge_pages:
-        plain.use_huge_pages(opts)
+    step = _plain_step(made["plain"], cfg)
     starts: list[float] = []
     spans: list[tuple[float, float]] = []
 
     def plain_step(b) -> None:
         t = time.perf_counter()
-        loss, _ = plain.compute_loss(plain._augment(b))
-        for o in opts:
-            o.zero_grad()
-        loss.backward()
-        for o in opts:
-            o.step()
+        step(b)
         spans.append((t, time.perf_counter()))
 
     class Interleave(pl.Callback):
@@ -226,11 +229,7 @@ def bench_interleaved(rows: int, cfg: Config, batches, warmup: int, plain_first:
         def on_train_end(self, trainer, module):
             starts.append(time.perf_counter())
 
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, callbacks=[Interleave()])
-    trainer.fit(lit, train_dataloaders=loader)
+    _fit_one_epoch(made["lightning"], batches, "cpu", Interleave())
     sp = np.array(spans)
     light = []
     for a, b in zip(starts[:-1], starts[1:], strict=True):
