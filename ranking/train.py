@@ -34,7 +34,7 @@ from ranking.lit_module import RankerLightning
 from ranking.losses import LOSSES
 from ranking.model import RankerModel, RankerShape
 from recsys.artifacts import atomic_artifact, read_manifest
-from recsys.config import Config, fingerprint, to_dict
+from recsys.config import Config, fingerprint, to_dict, trainer_precision
 
 log = logging.getLogger(__name__)
 WEIGHTS = "ranker.pt"
@@ -162,14 +162,11 @@ def fit_lists(
         mlf._experiment_id = exp_id
         loggers.insert(0, mlf)
         mlf.log_hyperparams(tracking.flatten({**to_dict(cfg), "ranker_shape": shape.to_dict()}))
-    precision = cfg.train.precision
-    if cfg.train.accelerator == "gpu" and precision == "32-true":
-        precision = "bf16-mixed"
     trainer = pl.Trainer(
         max_epochs=int(cfg.ranking.epochs),
         accelerator=cfg.train.accelerator,
         devices=1,
-        precision=precision,
+        precision=trainer_precision(cfg.train),
         callbacks=callbacks,
         logger=loggers,
         enable_progress_bar=progress,

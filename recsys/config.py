@@ -177,6 +177,11 @@ class EvalConfig:
     heavy_user_quantile: float = 0.8
 
 
+def trainer_precision(train: TrainConfig) -> str:
+    """Lightning's ``precision`` for ``train``: bf16 mixed precision on a GPU unless another was chosen."""
+    return "bf16-mixed" if train.accelerator == "gpu" and train.precision == "32-true" else train.precision
+
+
 # The eval settings that towers training reads (validation targets, the cut-offs it logs): the others
 # (baselines, ALS, slices, the evaluation device) change the evaluation only, not the trained model.
 TRAINING_EVAL_KEYS = ("target_events", "ks")

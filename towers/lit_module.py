@@ -18,6 +18,8 @@ from towers.row_sparse_adam import RowSparseAdam
 from towers.shapes import TowerShape
 from towers.two_tower import TwoTowerModel
 
+VAL_NDCG_KS = (10, 20)  # NDCG cut-offs of the validation metrics
+
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
@@ -284,19 +286,20 @@ class TwoTowerLightning(pl.LightningModule):
         K = max(self.val_ks)
         top, _ = topk_excluding(u, self._item_vecs, sub.exclude, K, item_bias=self._item_offsets)
         h = hits_matrix(top, *sub.targets)
-        met = ranking_metrics(h, np.diff(sub.targets[0]), self.val_ks, (10, 20))
+        met = ranking_metrics(h, np.diff(sub.targets[0]), self.val_ks, VAL_NDCG_KS)
         for k, v in met.items():
             self._val_sums[k] = self._val_sums.get(k, 0.0) + float(v.sum())
         self._val_n += len(r)
 
     def on_validation_epoch_end(self) -> None:
         """Log the mean of every metric over all validation users (summed over data-parallel ranks)."""
-        names = list(ranking_metrics(np.zeros((0, max(self.val_ks)), bool), np.zeros(0, np.int64), self.val_ks, (10, 20)))
+        # every rank sums the same names, also a rank whose share had no users
+        names = list(ranking_metrics(np.zeros((0, max(self.val_ks)), bool), np.zeros(0, np.int64), self.val_ks, VAL_NDCG_KS))
         sums = torch.tensor([self._val_sums.get(k, 0.0) for k in names] + [float(self._val_n)], dtype=torch.float64)
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
-        n = max(float(sums[-1]), 1.0)
-        if float(sums[-1]) > 0:
-            for k, v in zip(names, sums[:-1].tolist(), strict=True):
+        *totals, n = sums.tolist()
+        if n > 0:
+            for k, v in zip(names, totals, strict=True):
                 self.log(f"val/{k}", v / n, prog_bar=k == f"recall@{self.train_cfg['val_k']}")
         self._item_vecs = self._item_offsets = None

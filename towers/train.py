@@ -15,7 +15,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 
 from recsys.artifacts import atomic_artifact, read_manifest
-from recsys.config import TRAINING_EVAL_KEYS, Config, fingerprint, to_dict
+from recsys.config import TRAINING_EVAL_KEYS, Config, fingerprint, to_dict, trainer_precision
 from towers import ddp, tracking
 from towers.allocator import retain_freed_memory
 from towers.catalog import load_catalog
@@ -201,8 +201,9 @@ def run(
     # Checkpoints carry what they were trained with (the issue: "checkpoints store the resolved config
     # and vocab fingerprint"), and a resume must continue the same training: `recsys fit` reruns this
     # stage when its config or data changed, and resuming the old last.ckpt would return the old model.
+    resolved = to_dict(cfg)
     lit.run_info = {"resume_key": resume_key(cfg, prep_manifest, train_splits, epochs, lr_schedule),
-                    "config": to_dict(cfg), "vocab_fingerprint": vocab_fingerprint(prepared)}
+                    "config": resolved, "vocab_fingerprint": vocab_fingerprint(prepared)}
     # a training that ran to its end is not resumed: it would restart its stopped schedule
     finished = ckpt_dir / "finished.txt"
     resuming = resume and not finished.exists() and resumable(ckpt_path, lit.run_info["resume_key"])
@@ -225,7 +226,7 @@ def run(
         # and ModelCheckpoint would write best-v1.ckpt beside it.
         for old in [*ckpt_dir.glob("*.ckpt"), finished]:
             old.unlink(missing_ok=True)
-    cfg_fp = fingerprint(to_dict(cfg))
+    cfg_fp = fingerprint(resolved)
     if resuming and existing.exists():
         # Resume into the same MLflow run only with the same config: MLflow refuses changed params.
         stored = existing.read_text().split()
@@ -244,13 +245,13 @@ def run(
             p.unlink()
     loggers = [mlf, CSVLogger(str(run_dir), name="logs", version=version)]
     t0 = time.time()
-    mlf.log_hyperparams(tracking.flatten(to_dict(cfg)))
+    mlf.log_hyperparams(tracking.flatten(resolved))
     existing.write_text(f"{mlf.run_id} {cfg_fp}")
     worker_dir = run_dir / "logs" / f"ddp_{out_name}"
     if processes > 1 and not ddp.externally_launched():
         # the workers repeat this call: same config and arguments, resuming exactly when rank 0 does
         worker_dir.mkdir(parents=True, exist_ok=True)
-        spec = {"config": to_dict(cfg), "run": {
+        spec = {"config": resolved, "run": {
             "prepared": str(prepared.resolve()), "run_dir": str(run_dir.resolve()), "resume": resuming, "progress": False,
             "train_splits": list(train_splits), "epochs": epochs, "out_name": out_name,
             "lr_schedule": lr_schedule, "popularity_prior": popularity_prior}}
@@ -276,10 +277,9 @@ def run(
     else:
         prior = float(grid[0]) if len(grid) == 1 else 0.0
     model.set_popularity_prior(prior)
-    resolved = to_dict(cfg)
     extra = {
         "config": resolved,
-        "config_fingerprint": fingerprint(resolved),
+        "config_fingerprint": cfg_fp,
         "vocab_fingerprint": vocab_fingerprint(prepared),
         "prepared": str(prepared.resolve()),
         "prepared_created_at": prep_manifest.get("created_at"),
@@ -314,15 +314,12 @@ def run(
 def _trainer_args(cfg: Config, epochs: int | None, callbacks: list[pl.Callback], loggers, progress: bool,
                   has_val: bool, processes: int) -> dict[str, Any]:
     """``pl.Trainer`` arguments of a towers fit (the same on every data-parallel rank but the loggers)."""
-    precision = cfg.train.precision
-    if cfg.train.accelerator == "gpu" and precision == "32-true":
-        precision = "bf16-mixed"
     return dict(
         max_epochs=epochs or cfg.train.epochs,
         accelerator=cfg.train.accelerator,
         devices=cfg.train.devices,
         strategy=ddp.lightning_strategy(cfg.train.strategy, processes),
-        precision=precision,
+        precision=trainer_precision(cfg.train),
         callbacks=callbacks,
         logger=loggers,
         enable_progress_bar=progress,
