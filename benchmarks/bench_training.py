@@ -139,17 +139,15 @@ def _module(rows: int, cfg: Config) -> TwoTowerLightning:
 def _plain_step(lit: TwoTowerLightning, cfg: Config):
     """``step(batch)``: the module's loss, ``zero_grad``, ``backward`` and its optimizers, by hand,
     with the config's memory settings."""
-    opts = lit.configure_optimizers()
+    opt = lit.configure_optimizers()
     if cfg.train.huge_pages:
-        lit.use_huge_pages(opts)
+        lit.use_huge_pages([opt])
 
     def step(b):
         loss, _ = lit.compute_loss(lit._augment(b))
-        for o in opts:
-            o.zero_grad()
+        opt.zero_grad()
         loss.backward()
-        for o in opts:
-            o.step()
+        opt.step()
 
     return step
 

@@ -126,4 +126,4 @@ def test_training_module_marks_its_large_tables_and_moments() -> None:
     shape = TowerShape(n_users=100, n_products=100_000, n_sellers=5, n_categories=1, n_brands=1,
                        n_product_features=0, n_seller_features=0, dim=64)
     lit = TwoTowerLightning(shape.to_dict(), to_dict(Config().train), {})
-    assert lit.use_huge_pages(lit.configure_optimizers()) == 2
+    assert lit.use_huge_pages([lit.configure_optimizers()]) == 2

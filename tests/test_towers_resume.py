@@ -107,15 +107,21 @@ def test_a_nan_loss_stops_training_with_an_error_naming_the_step(tmp_path, monke
 
     prep = write_tiny_prepared(tmp_path / "prep")
     original = TwoTowerLightning.compute_loss
+    first_epoch_batches = []
 
     def poisoned(self, batch):
         loss, parts = original(self, batch)
+        if self.current_epoch == 0:
+            first_epoch_batches.append(1)
         return (loss * float("nan") if self.current_epoch == 1 else loss), parts
 
     monkeypatch.setattr(TwoTowerLightning, "compute_loss", poisoned)
-    with pytest.raises(TrainingDivergedError, match=r"training loss is nan at global step \d+ \(epoch 1, batch 0\)"):
+    with pytest.raises(TrainingDivergedError, match=r"training loss is nan at global step (\d+) \(epoch 1, batch 0\)") as err:
         train.run(load_config(None, SETS), prep, tmp_path / "run", resume=False, progress=False)
     assert not (tmp_path / "run" / "model").exists()
+    # a step is a batch (one optimizer: two made Lightning count two steps a batch)
+    step = int(str(err.value).split("global step ")[1].split()[0])
+    assert step == len(first_epoch_batches) > 1, (step, len(first_epoch_batches))
 
 
 def test_a_finished_training_is_trained_again_not_resumed(tmp_path) -> None:

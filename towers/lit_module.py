@@ -14,8 +14,8 @@ from towers.full_ranking import topk_excluding
 from towers.history_horizon import hide_latest
 from towers.losses import log_expected_count, sampled_softmax_loss, uniform_negatives
 from towers.metrics import hits_matrix, ranking_metrics
-from towers.row_sparse_adam import RowSparseAdam
 from towers.shapes import TowerShape
+from towers.tower_adam import TowerAdam
 from towers.two_tower import TwoTowerModel
 
 VAL_NDCG_KS = (10, 20)  # NDCG cut-offs of the validation metrics
@@ -182,13 +182,10 @@ class TwoTowerLightning(pl.LightningModule):
                 f"training loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}, "
                 f"batch {batch_idx}); lower train.lr_dense/lr_sparse or raise model.temperature"
             )
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        for o in opts:
-            o.zero_grad()
+        opt = self.optimizers()
+        opt.zero_grad()
         self.manual_backward(loss)
-        for o in opts:
-            o.step()
+        opt.step()
         # Epoch means are accumulated here and logged once per epoch: each ``self.log`` call costs
         # Lightning about 0.7 ms of bookkeeping, 6% of a 1M-table CPU step (benchmarks/bench_training.py).
         bs = batch["product_idx"].shape[0]
@@ -230,8 +227,7 @@ class TwoTowerLightning(pl.LightningModule):
         when resuming) by now, and no step has run yet.
         """
         if bool(self.train_cfg.get("huge_pages", False)) and self.device.type == "cpu":
-            opts = self.optimizers()
-            self.use_huge_pages([o.optimizer for o in (opts if isinstance(opts, list) else [opts])])
+            self.use_huge_pages([self.optimizers().optimizer])
 
     def use_huge_pages(self, optimizers: list[torch.optim.Optimizer]) -> int:
         """:func:`towers.allocator.advise_huge_pages` on the id tables and the optimizers' state
@@ -242,18 +238,16 @@ class TwoTowerLightning(pl.LightningModule):
                 tensors += [v for v in state.values() if torch.is_tensor(v)]
         return advise_huge_pages(tensors)
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> TowerAdam:
+        """One optimizer (:class:`towers.tower_adam.TowerAdam`): lazy row-sparse Adam on the id tables
+        with sparse gradients, fused AdamW on the dense layers (and on every table when the towers
+        are built without sparse gradients, at ``lr_sparse``)."""
         cfg = self.train_cfg
-        opts = []
         sparse = self.model.sparse_parameters()
-        if sparse:
-            opts.append(RowSparseAdam(sparse, lr=float(cfg["lr_sparse"])))
         dense = self.model.dense_parameters()
-        if dense:
-            lr = float(cfg["lr_dense"]) if sparse else float(cfg["lr_sparse"])
-            # fused: one kernel for all tensors; the per-tensor loop took 0.9 ms a step for three tensors
-            opts.append(torch.optim.AdamW(dense, lr=lr, weight_decay=float(cfg["weight_decay"]), fused=True))
-        return opts
+        lr_dense = float(cfg["lr_dense"]) if sparse else float(cfg["lr_sparse"])
+        return TowerAdam(sparse, dense, lr_sparse=float(cfg["lr_sparse"]), lr_dense=lr_dense,
+                         weight_decay=float(cfg["weight_decay"]))
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:

@@ -40,10 +40,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                 self._init_state(p)
 
     def _init_state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        state["step"] = 0
-        _share_rows(state, torch.zeros((p.shape[0], 2, *p.shape[1:]), dtype=p.dtype, device=p.device))
-        return state
+        return init_row_state(self.state[p], p)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -52,31 +49,48 @@ class RowSparseAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, values = _row_gradient(p.grad)
-                if values.shape[0] == 0:
-                    continue
-                # a loaded state dict lacks the parameters its run never stepped
-                state = self.state[p] or self._init_state(p)
-                state["step"] += 1
-                t = state["step"]
-                moments = _moments(state)
-                both = moments.index_select(0, rows)  # [U, 2, ...]: each row's two moments side by side
-                m_rows = both[:, 0].lerp_(values, 1 - beta1)
-                v_rows = both[:, 1].mul_(beta2).addcmul_(values, values, value=1 - beta2)
-                moments.index_copy_(0, rows, both)
-                step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                # Rows whose gradients were all zero so far (examples of weight 0) have v = 0, and the
-                # square root of an exact 0 took 8x as long as of other numbers here. Raised to the
-                # smallest normal float, their root (1e-19) still vanishes next to eps: the same denom.
-                denom = v_rows.clamp_min(torch.finfo(v_rows.dtype).tiny).sqrt_().add_(group["eps"])
-                # gather, update, scatter: on a 1M-row table index_add_ took 3x as long as this
-                p_rows = p.index_select(0, rows).addcdiv_(m_rows, denom, value=-step_size)
-                p.index_copy_(0, rows, p_rows)
+                if p.grad is not None:
+                    # a loaded state dict lacks the parameters its run never stepped
+                    row_adam_step(p, self.state[p] or self._init_state(p), group["lr"], group["betas"], group["eps"])
         return loss
+
+
+def init_row_state(state: dict, p: torch.Tensor) -> dict:
+    """Fill ``state`` with step 0 and zero moments for the table ``p`` (both moments in one [N, 2, ...] table)."""
+    state["step"] = 0
+    _share_rows(state, torch.zeros((p.shape[0], 2, *p.shape[1:]), dtype=p.dtype, device=p.device))
+    return state
+
+
+@torch.no_grad()
+def row_adam_step(p: torch.Tensor, state: dict, lr: float, betas: tuple[float, float], eps: float) -> None:
+    """One lazy Adam step of the rows of ``p`` that its gradient touches (see :class:`RowSparseAdam`).
+
+    Args:
+        p: a table [N, ...] whose ``.grad`` is sparse COO (possibly uncoalesced) or dense.
+        state: its state (:func:`init_row_state`, or a loaded ``SparseAdam``/``RowSparseAdam`` state).
+        lr, betas, eps: Adam's settings.
+    """
+    beta1, beta2 = betas
+    rows, values = _row_gradient(p.grad)
+    if values.shape[0] == 0:
+        return
+    state["step"] += 1
+    t = state["step"]
+    moments = _moments(state)
+    both = moments.index_select(0, rows)  # [U, 2, ...]: each row's two moments side by side
+    m_rows = both[:, 0].lerp_(values, 1 - beta1)
+    v_rows = both[:, 1].mul_(beta2).addcmul_(values, values, value=1 - beta2)
+    moments.index_copy_(0, rows, both)
+    step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+    # Rows whose gradients were all zero so far (examples of weight 0) have v = 0, and the
+    # square root of an exact 0 took 8x as long as of other numbers here. Raised to the
+    # smallest normal float, their root (1e-19) still vanishes next to eps: the same denom.
+    denom = v_rows.clamp_min(torch.finfo(v_rows.dtype).tiny).sqrt_().add_(eps)
+    # gather, update, scatter: on a 1M-row table index_add_ took 3x as long as this
+    p_rows = p.index_select(0, rows).addcdiv_(m_rows, denom, value=-step_size)
+    p.index_copy_(0, rows, p_rows)
 
 
 def _share_rows(state: dict, moments: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,10 @@ def tower_shape(cfg: Config, catalog) -> TowerShape:
 RUN_ONLY_SETTINGS = ("num_threads", "num_workers", "devices", "accelerator", "strategy", "max_minutes", "tracking_uri",
                      "experiment", "register_model", "huge_pages", "retain_freed_memory", "loader", "checkpoint_every_n_steps")
 
+# the optimizer state a checkpoint holds: a checkpoint of another layout (two optimizers before
+# TowerAdam) cannot be resumed by this code, so it is not offered
+OPTIMIZER_LAYOUT = "TowerAdam/1"
+
 
 def resume_key(cfg: Config, prep_manifest: dict, train_splits, epochs: int | None, lr_schedule: dict | None) -> str:
     """Fingerprint of everything a towers training depends on: the config it reads (less
@@ -68,7 +72,7 @@ def resume_key(cfg: Config, prep_manifest: dict, train_splits, epochs: int | Non
     the splits, the epochs and the schedule."""
     train_cfg = {k: v for k, v in to_dict(cfg.train).items() if k not in RUN_ONLY_SETTINGS}
     eval_cfg = {k: v for k, v in to_dict(cfg.eval).items() if k in TRAINING_EVAL_KEYS}
-    return fingerprint({"data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": train_cfg, "eval": eval_cfg,
+    return fingerprint({"optimizer": OPTIMIZER_LAYOUT, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": train_cfg, "eval": eval_cfg,
                         "files": prep_manifest.get("files", {}), "train_splits": list(train_splits), "epochs": epochs,
                         "lr_schedule": lr_schedule or {}})
 
