@@ -50,6 +50,7 @@ import torch
 
 from recsys.config import Config, load_config, to_dict
 from towers.allocator import advise_huge_pages, retain_freed_memory
+from towers.batch_groups import BatchGroups
 from towers.lit_module import TwoTowerLightning
 from towers.shapes import TowerShape
 
@@ -153,10 +154,12 @@ def _plain_step(lit: TwoTowerLightning, cfg: Config):
 
 
 def _fit_one_epoch(lit: TwoTowerLightning, batches, accelerator: str, callback) -> None:
-    """``pl.Trainer.fit`` over ``batches`` (one epoch, no validation, logging or checkpoints)."""
+    """``pl.Trainer.fit`` over ``batches`` (one epoch, no validation, logging or checkpoints), in
+    Lightning steps of ``train.batches_per_call`` batches as ``recsys train`` takes them."""
     import pytorch_lightning as pl
 
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    loader = BatchGroups(torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False),
+                         int(lit.train_cfg.get("batches_per_call", 1)))
     trainer = pl.Trainer(max_epochs=1, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, callbacks=[callback],
@@ -172,27 +175,30 @@ def bench_lightning(rows: int, cfg: Config, batches, warmup: int, accelerator: s
     import pytorch_lightning as pl
 
     times: list[float] = []
+    k = cfg.train.batches_per_call
 
     class Clock(pl.Callback):
         # step start to step start: everything Lightning does between two steps is inside
         def on_train_batch_start(self, trainer, module, batch, idx):
-            if idx >= warmup:
+            if idx * k >= warmup:
                 times.append(time.perf_counter())
 
         def on_train_end(self, trainer, module):
             times.append(time.perf_counter())
 
     _fit_one_epoch(_module(rows, cfg), batches, accelerator, Clock())
-    return _median_rate(times, len(batches[0]["user_idx"]))
+    # a Lightning step trains k batches (the last one of the epoch may be shorter: the median skips it)
+    return _median_rate(times, k * len(batches[0]["user_idx"]))
 
 
 def bench_interleaved(rows: int, cfg: Config, batches, warmup: int, plain_first: bool) -> tuple[float, float]:
     """Lightning's own cost per step, measured step by step against the plain loop in one process.
 
     A second module takes one plain step (our ``compute_loss``, ``zero_grad``, ``backward``, our
-    optimizers) on each batch Lightning trains on, before Lightning's step on even batches and after
+    optimizer) on each batch Lightning trains on, before Lightning's step on even steps and after
     it on odd ones (P L L P P L L P ...: each loop follows the other as often as itself). Lightning's
-    step is the time from one step start to the next less the plain steps inside it. Both see the
+    time per batch is the time from one Lightning step start to the next less the plain steps inside
+    it, divided by the batches of that step (``train.batches_per_call``). Both see the
     same batches at the same moment, so a box that speeds up or slows down moves both. The module
     made second ran 2.5-4.6% faster in a control with two plain loops (allocation order), so
     ``plain_first`` alternates between repeats.
@@ -207,17 +213,20 @@ def bench_interleaved(rows: int, cfg: Config, batches, warmup: int, plain_first:
         made[name] = _module(rows, cfg)
     step = _plain_step(made["plain"], cfg)
     starts: list[float] = []
+    sizes: list[int] = []
     spans: list[tuple[float, float]] = []
 
-    def plain_step(b) -> None:
-        t = time.perf_counter()
-        step(b)
-        spans.append((t, time.perf_counter()))
+    def plain_step(group) -> None:
+        for b in group:
+            t = time.perf_counter()
+            step(b)
+            spans.append((t, time.perf_counter()))
 
     class Interleave(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, idx):
             if idx % 2 == 0:
                 plain_step(batch)
+            sizes.append(len(batch))
             starts.append(time.perf_counter())
 
         def on_train_batch_end(self, trainer, module, outputs, batch, idx):
@@ -230,10 +239,11 @@ def bench_interleaved(rows: int, cfg: Config, batches, warmup: int, plain_first:
     _fit_one_epoch(made["lightning"], batches, "cpu", Interleave())
     sp = np.array(spans)
     light = []
-    for a, b in zip(starts[:-1], starts[1:], strict=True):
+    for a, b, n in zip(starts[:-1], starts[1:], sizes, strict=True):
         inside = sp[(sp[:, 0] >= a) & (sp[:, 1] <= b)]
-        light.append((b - a) - float((inside[:, 1] - inside[:, 0]).sum()))
-    return float(np.median(light[warmup:])), float(np.median((sp[:, 1] - sp[:, 0])[warmup:]))
+        light.append(((b - a) - float((inside[:, 1] - inside[:, 0]).sum())) / n)
+    skip = -(-warmup // max(sizes))  # Lightning steps holding the warm-up batches
+    return float(np.median(light[skip:])), float(np.median((sp[:, 1] - sp[:, 0])[warmup:]))
 
 
 def bench_loader(rows: int, batch: int, hist: int) -> float:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from data_pipelines.loaders import make_loader
 from data_pipelines.schema import EVENT_CODE
+from towers.batch_groups import BatchGroups
 from towers.eval_data import EvalQueries, build_queries
 
 
@@ -24,6 +25,7 @@ class TowerDataModule(pl.LightningDataModule):
     Args:
         prepared: prepared artifact directory.
         batch_size, max_history, loader, num_workers, seed: loader settings.
+        batches_per_call: the training loader yields lists of this many batches (:class:`towers.batch_groups.BatchGroups`).
         target_events, bought_events: event-type names for val targets and exclusions.
         val_max_users: cap on validation users (a seeded sample) to bound validation time.
     """
@@ -42,8 +44,12 @@ class TowerDataModule(pl.LightningDataModule):
         val_batch_users: int = 1024,
         train_splits: tuple[str, ...] = ("train",),
         validate: bool = True,
+        batches_per_call: int = 1,
     ):
         super().__init__()
+        if int(batches_per_call) < 1:
+            raise ValueError(f"train.batches_per_call must be >= 1, got {batches_per_call}")
+        self.batches_per_call = int(batches_per_call)
         self.prepared = Path(prepared)
         self.batch_size = batch_size
         self.max_history = max_history
@@ -81,7 +87,7 @@ class TowerDataModule(pl.LightningDataModule):
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
         epoch = trainer.current_epoch if trainer is not None else 0
-        return make_loader(
+        loader = make_loader(
             self.loader_kind,
             [str(self.prepared / "examples" / s) for s in self.train_splits if (self.prepared / "examples" / s).exists()],
             batch_size=self.batch_size,
@@ -94,6 +100,7 @@ class TowerDataModule(pl.LightningDataModule):
             drop_last=False,
             epoch=epoch,
         )
+        return BatchGroups(loader, self.batches_per_call) if self.batches_per_call > 1 else loader
 
     def val_dataloader(self):
         """Validation query rows; with several ranks, rank r takes rows r, r + W, ... padded with -1

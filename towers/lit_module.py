@@ -175,27 +175,44 @@ class TwoTowerLightning(pl.LightningModule):
                 total = total + table(idx).pow(2).sum(-1).mean()
         return total
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        """One optimizer step per batch: ``batch`` is a batch or a list of consecutive batches
+        (``train.batches_per_call``, :class:`towers.batch_groups.BatchGroups`), stepped in order.
+
+        Returns:
+            the last batch's loss (detached).
+        """
+        batches = batch if isinstance(batch, list) else [batch]
+        per_call = max(1, int(self.train_cfg.get("batches_per_call", 1)))
+        opt = self.optimizers()
+        for j, b in enumerate(batches):
+            loss = self._train_batch(b, opt, batch_idx * per_call + j)
+        # Lightning writes step metrics every log_every_n_steps of its own steps; self.log costs it
+        # about 0.7 ms of bookkeeping (6% of a 1M-table CPU step), so it is called only then.
+        loop = self.trainer.fit_loop.epoch_loop
+        if (getattr(loop, "_batches_that_stepped", self.global_step) + 1) % max(1, int(self.trainer.log_every_n_steps)) == 0:
+            self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(b["product_idx"]))
+        return loss
+
+    def _train_batch(self, batch: dict[str, torch.Tensor], opt, batch_number: int) -> torch.Tensor:
+        """Loss, backward and optimizer step of one batch; adds it to the epoch sums. Returns the detached loss."""
         loss, parts = self.compute_loss(self._augment(batch))
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"training loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}); lower train.lr_dense/lr_sparse or raise model.temperature"
+                f"batch {batch_number}); lower train.lr_dense/lr_sparse or raise model.temperature"
             )
-        opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(loss)
         opt.step()
-        # Epoch means are accumulated here and logged once per epoch: each ``self.log`` call costs
-        # Lightning about 0.7 ms of bookkeeping, 6% of a 1M-table CPU step (benchmarks/bench_training.py).
+        # epoch means are accumulated here and logged once per epoch (on_train_epoch_end)
         bs = batch["product_idx"].shape[0]
         sums = self._epoch_sums
-        sums["loss"] = sums.get("loss", 0.0) + loss.detach() * bs
+        loss = loss.detach()
+        sums["loss"] = sums.get("loss", 0.0) + loss * bs
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.detach() * bs
         self._epoch_rows += bs
-        if self.global_step % max(1, int(self.trainer.log_every_n_steps)) == 0:
-            self.log("train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

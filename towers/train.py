@@ -26,6 +26,7 @@ from towers.lit_module import TwoTowerLightning
 from towers.lr_schedule import PlateauDecay, ReplayDecay
 from towers.popularity_prior import select_prior
 from towers.shapes import TowerShape
+from towers.step_checkpoint import StepCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ def tower_shape(cfg: Config, catalog) -> TowerShape:
 
 # train settings that say how to run, not what to learn: changing them does not prevent a resume
 RUN_ONLY_SETTINGS = ("num_threads", "num_workers", "devices", "accelerator", "strategy", "max_minutes", "tracking_uri",
-                     "experiment", "register_model", "huge_pages", "retain_freed_memory", "loader", "checkpoint_every_n_steps")
+                     "experiment", "register_model", "huge_pages", "retain_freed_memory", "loader", "checkpoint_every_n_steps",
+                     "batches_per_call")
 
 # the optimizer state a checkpoint holds: a checkpoint of another layout (two optimizers before
 # TowerAdam) cannot be resumed by this code, so it is not offered
@@ -90,10 +92,10 @@ def resumable(ckpt: Path, key: str) -> bool:
     return stored.get("resume_key") == key
 
 
-def last_checkpoint(ckpt_dir: Path, every_n_train_steps: int | None = None) -> ModelCheckpoint:
-    """A callback that overwrites ``ckpt_dir/last.ckpt`` at every epoch end (or every N training steps)."""
-    return ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
-                           every_n_train_steps=every_n_train_steps)
+def last_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
+    """A callback that overwrites ``ckpt_dir/last.ckpt`` at every epoch end."""
+    return ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+
 
 
 def datamodule(cfg: Config, prepared: str | Path, train_splits: tuple[str, ...] = ("train",)) -> TowerDataModule:
@@ -111,6 +113,7 @@ def datamodule(cfg: Config, prepared: str | Path, train_splits: tuple[str, ...] 
         val_batch_users=cfg.eval.batch_users,
         train_splits=tuple(train_splits),
         validate=tuple(train_splits) == ("train",),
+        batches_per_call=cfg.train.batches_per_call,
     )
 
 
@@ -190,7 +193,7 @@ def run(
         # writes it only when the monitored metric improves, and a resume would redo the epochs since
         callbacks.append(last_checkpoint(ckpt_dir))
     if cfg.train.checkpoint_every_n_steps > 0:
-        callbacks.append(last_checkpoint(ckpt_dir, every_n_train_steps=cfg.train.checkpoint_every_n_steps))
+        callbacks.append(StepCheckpoint(ckpt_dir / "last.ckpt", cfg.train.checkpoint_every_n_steps))
     plateau = None
     if has_val:
         plateau = PlateauDecay(monitor, ckpt_dir / "best.ckpt", cfg.train.lr_decay_factor, cfg.train.lr_decay_patience,
