@@ -14,9 +14,11 @@ Four measurements per batch size, each in a fresh process, all on the same gener
   (:mod:`towers.allocator`: ``retain_freed_memory`` and huge pages for its tables and moments):
   how much of our lead is those settings.
 * ``plain``: our model and loss (:class:`towers.lit_module.TwoTowerLightning.compute_loss`; by default
-  mixed in-batch + uniform negatives, logQ, accidental-hit masking, three tasks) and our optimizers,
-  stepped by a hand-written loop, with the memory settings of the config.
-* ``lightning``: the same module trained by ``pl.Trainer.fit`` (manual optimisation, as ``recsys train``).
+  mixed in-batch + uniform negatives, logQ, accidental-hit masking, three tasks) and our optimizer,
+  stepped by a hand-written loop through the module's ``train_batch`` (the finite-loss check and the
+  epoch sums included) with ``Tensor.backward``, with the memory settings of the config.
+* ``lightning``: the same module trained by ``pl.Trainer.fit`` (manual optimisation, as ``recsys train``:
+  ``train.batches_per_call`` batches per Lightning step, ``manual_backward``, Lightning's optimizer wrapper).
   ``lightning / plain`` is Lightning's own overhead; the two run one after the other in one process,
   plain first in odd repeats and Lightning first in even ones (a box that slows down within minutes
   would otherwise count as overhead).
@@ -138,17 +140,15 @@ def _module(rows: int, cfg: Config) -> TwoTowerLightning:
 
 
 def _plain_step(lit: TwoTowerLightning, cfg: Config):
-    """``step(batch)``: the module's loss, ``zero_grad``, ``backward`` and its optimizers, by hand,
-    with the config's memory settings."""
+    """``step(batch)``: the module's own training of one batch (``train_batch``: loss, finite check,
+    ``zero_grad``, backward, its optimizer, epoch sums) with ``Tensor.backward`` and the optimizer
+    itself instead of Lightning's wrappers, with the config's memory settings."""
     opt = lit.configure_optimizers()
     if cfg.train.huge_pages:
         lit.use_huge_pages([opt])
 
     def step(b):
-        loss, _ = lit.compute_loss(lit._augment(b))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        lit.train_batch(b, opt, 0, torch.Tensor.backward)
 
     return step
 

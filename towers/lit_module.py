@@ -186,7 +186,7 @@ class TwoTowerLightning(pl.LightningModule):
         per_call = max(1, int(self.train_cfg.get("batches_per_call", 1)))
         opt = self.optimizers()
         for j, b in enumerate(batches):
-            loss = self._train_batch(b, opt, batch_idx * per_call + j)
+            loss = self.train_batch(b, opt, batch_idx * per_call + j, self.manual_backward)
         # Lightning writes step metrics every log_every_n_steps of its own steps; self.log costs it
         # about 0.7 ms of bookkeeping (6% of a 1M-table CPU step), so it is called only then.
         loop = self.trainer.fit_loop.epoch_loop
@@ -194,8 +194,18 @@ class TwoTowerLightning(pl.LightningModule):
             self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(b["product_idx"]))
         return loss
 
-    def _train_batch(self, batch: dict[str, torch.Tensor], opt, batch_number: int) -> torch.Tensor:
-        """Loss, backward and optimizer step of one batch; adds it to the epoch sums. Returns the detached loss."""
+    def train_batch(self, batch: dict[str, torch.Tensor], opt, batch_number: int, backward) -> torch.Tensor:
+        """Loss, backward and optimizer step of one batch; adds it to the epoch sums.
+
+        Args:
+            batch: user_idx [B], product_idx [B], hist_products [B, L], ... (:meth:`compute_loss`).
+            opt: the optimizer (Lightning's wrapper of :meth:`configure_optimizers`' in training).
+            batch_number: the batch's index in the epoch, for the divergence error.
+            backward: ``loss -> None``: ``self.manual_backward`` in training (a plain loop, as in
+                ``benchmarks/bench_training.py``, passes ``torch.Tensor.backward``).
+        Returns:
+            the detached loss.
+        """
         loss, parts = self.compute_loss(self._augment(batch))
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
@@ -203,7 +213,7 @@ class TwoTowerLightning(pl.LightningModule):
                 f"batch {batch_number}); lower train.lr_dense/lr_sparse or raise model.temperature"
             )
         opt.zero_grad()
-        self.manual_backward(loss)
+        backward(loss)
         opt.step()
         # epoch means are accumulated here and logged once per epoch (on_train_epoch_end)
         bs = batch["product_idx"].shape[0]
