@@ -63,9 +63,11 @@ def init_row_state(state: dict, p: torch.Tensor) -> dict:
     return state
 
 
-@torch.no_grad()
 def row_adam_step(p: torch.Tensor, state: dict, lr: float, betas: tuple[float, float], eps: float) -> None:
     """One lazy Adam step of the rows of ``p`` that its gradient touches (see :class:`RowSparseAdam`).
+
+    Called from the optimizers' ``step``, which already runs under ``torch.no_grad()``: a grad-mode
+    switch per table per step would only repeat it.
 
     Args:
         p: a table [N, ...] whose ``.grad`` is sparse COO (possibly uncoalesced) or dense.

@@ -74,8 +74,8 @@ def resume_key(cfg: Config, prep_manifest: dict, train_splits, epochs: int | Non
     the splits, the epochs and the schedule."""
     train_cfg = {k: v for k, v in to_dict(cfg.train).items() if k not in RUN_ONLY_SETTINGS}
     eval_cfg = {k: v for k, v in to_dict(cfg.eval).items() if k in TRAINING_EVAL_KEYS}
-    return fingerprint({"optimizer": OPTIMIZER_LAYOUT, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": train_cfg, "eval": eval_cfg,
-                        "files": prep_manifest.get("files", {}), "train_splits": list(train_splits), "epochs": epochs,
+    return fingerprint({"optimizer": OPTIMIZER_LAYOUT, "data": to_dict(cfg.data), "model": to_dict(cfg.model),
+                        "train": train_cfg, "eval": eval_cfg, "files": prep_manifest.get("files", {}), "train_splits": list(train_splits), "epochs": epochs,
                         "lr_schedule": lr_schedule or {}})
 
 
@@ -95,7 +95,6 @@ def resumable(ckpt: Path, key: str) -> bool:
 def last_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
     """A callback that overwrites ``ckpt_dir/last.ckpt`` at every epoch end."""
     return ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-
 
 
 def datamodule(cfg: Config, prepared: str | Path, train_splits: tuple[str, ...] = ("train",)) -> TowerDataModule:
