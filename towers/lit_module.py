@@ -15,6 +15,7 @@ from towers.history_horizon import hide_latest
 from towers.losses import log_expected_count, sampled_softmax_loss, uniform_negatives
 from towers.metrics import hits_matrix, ranking_metrics
 from towers.shapes import TowerShape
+from towers.sparse_grad_sync import average_sparse_grads, broadcast_tables, ddp_ignore_sparse_tables
 from towers.tower_adam import TowerAdam
 from towers.two_tower import TwoTowerModel
 
@@ -42,6 +43,9 @@ class TwoTowerLightning(pl.LightningModule):
         self.tshape = TowerShape(**shape)
         self.train_cfg = train
         self.model = TwoTowerModel(self.tshape)
+        # data-parallel fits average the id tables' sparse gradients themselves (towers.sparse_grad_sync)
+        ddp_ignore_sparse_tables(self, self.model.sparse_parameters())
+        self._synced_tables: list[torch.nn.Parameter] = []  # set by on_fit_start with several ranks
         self.register_buffer("product_logq", torch.full((self.tshape.n_products,), -math.log(max(self.tshape.n_products, 1))))
         self.register_buffer("seller_logq", torch.full((self.tshape.n_sellers,), -math.log(max(self.tshape.n_sellers, 1))))
         self.history_dropout = float(model_extra.get("history_dropout", 0.0))
@@ -214,6 +218,8 @@ class TwoTowerLightning(pl.LightningModule):
             )
         opt.zero_grad()
         backward(loss)
+        if self._synced_tables:
+            average_sparse_grads(self._synced_tables)
         opt.step()
         # epoch means are accumulated here and logged once per epoch (on_train_epoch_end)
         bs = batch["product_idx"].shape[0]
@@ -230,11 +236,14 @@ class TwoTowerLightning(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         # Data-parallel ranks draw their own negatives and dropout masks (rank 0 keeps the stream
-        # of a single-process run).
+        # of a single-process run). DDP leaves the id tables to this module: they start from rank
+        # 0's values and their gradients are averaged in train_batch.
         if self.trainer.world_size > 1:
             seed = int(self.train_cfg["seed"]) + 1_000_003 * self.global_rank
             self._gen.manual_seed(seed)
             torch.manual_seed(seed)
+            self._synced_tables = self.model.sparse_parameters()
+            broadcast_tables(self._synced_tables)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sums: dict[str, torch.Tensor] = {}

@@ -51,7 +51,8 @@ def tower_shape(cfg: Config, catalog) -> TowerShape:
         item_bias=m.item_bias,
         user_hash_buckets=m.user_hash_buckets,
         use_features=m.use_features,
-        sparse=m.sparse_embeddings and not (cfg.train.accelerator == "gpu" and cfg.train.devices != 1),
+        # also under multi-GPU DDP: the tables' gradients are exchanged outside DDP (towers.sparse_grad_sync)
+        sparse=m.sparse_embeddings,
         dropout=m.dropout,
         temperature=m.temperature,
         learn_temperature=m.learn_temperature,
