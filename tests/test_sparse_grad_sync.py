@@ -22,11 +22,13 @@ def _grads(rank: int) -> list[torch.Tensor | None]:
     g = torch.Generator().manual_seed(rank)
 
     def sp(rows, shape):
-        return torch.sparse_coo_tensor(torch.tensor([rows]), torch.randn(len(rows), shape[1], generator=g), shape)
+        return torch.sparse_coo_tensor(torch.tensor([rows]), torch.randn(len(rows), shape[1], generator=g), shape,
+                                       check_invariants=True)
 
     if rank == 0:
         return [sp([1, 3, 1], SHAPES[0]), None, None, torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long),
-                                                                         torch.zeros(0, 1), SHAPES[3])]
+                                                                         torch.zeros(0, 1), SHAPES[3],
+                                                                         check_invariants=True)]
     return [sp([3, 7], SHAPES[0]), sp([2], SHAPES[1]), None, sp([5, 0], SHAPES[3])]
 
 

@@ -107,4 +107,5 @@ def _unpack(tables: list[nn.Parameter], gathered: list[torch.Tensor], per_rank: 
             continue
         idx = torch.cat(rows[t]).unsqueeze(0)
         val = torch.cat(values[t]) / world
-        p.grad = torch.sparse_coo_tensor(idx, val, p.shape).coalesce()
+        # checked: rows out of range (ranks disagreeing on the tables) fail here, not as a bad write later
+        p.grad = torch.sparse_coo_tensor(idx, val, p.shape, check_invariants=True).coalesce()
