@@ -1,9 +1,10 @@
 """Averages the id tables' sparse gradients over data-parallel ranks with two dense collectives.
 
 DDP's own path for sparse gradients (one gloo sparse all-reduce per table) corrupted the heap of
-a training process in about one two-rank CPU fit in five here (torch 2.13, ``malloc(): unaligned
+a training process in 12 of 54 two-rank CPU test fits here (torch 2.13, ``malloc(): unaligned
 tcache chunk detected``); a plain ``DistributedDataParallel`` over ``nn.Embedding(sparse=True)``
-aborted the same way, a dense one never did. NCCL has no sparse all-reduce at all. So the tables
+died of it mid-training too, a dense one did not (``benchmarks/ddp_sparse_stress.py``). NCCL has
+no sparse all-reduce at all. So the tables
 are kept out of DDP (:func:`ddp_ignore_sparse_tables`) and their gradients are exchanged here
 with ``all_gather`` of plain byte tensors, which every backend has: one for the per-table row
 counts, one for every table's rows and values packed together.
@@ -76,6 +77,9 @@ def _coalesced(p: nn.Parameter) -> torch.Tensor:
     if not p.grad.is_sparse:
         raise ValueError(f"average_sparse_grads: a table of shape {tuple(p.shape)} has a dense gradient")
     g = p.grad.coalesce()
+    if g.sparse_dim() != 1:
+        raise ValueError(f"average_sparse_grads: a table of shape {tuple(p.shape)} has a gradient sparse in "
+                         f"{g.sparse_dim()} dims, not row-sparse")
     return g if g.dtype == p.dtype else g.to(p.dtype)
 
 
