@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -85,3 +86,19 @@ def test_two_ranks_get_the_mean_gradient_bit_for_bit(tmp_path) -> None:
         names, ignored, kept = r["ignored"]
         assert names == ["0.weight"] and ignored == ["0.weight"]
         assert kept == float(rank)  # DDP did not broadcast the ignored table
+
+
+def test_one_rank_keeps_its_gradient_and_a_dense_one_is_refused(tmp_path) -> None:
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        p = nn.Parameter(torch.zeros(10, 3))
+        p.grad = _grads(0)[0]
+        want = p.grad.to_dense()
+        average_sparse_grads([p])
+        assert p.grad.is_sparse and p.grad.is_coalesced()
+        torch.testing.assert_close(p.grad.to_dense(), want, rtol=0, atol=0)
+        p.grad = torch.ones(10, 3)
+        with pytest.raises(ValueError, match=r"a table of shape \(10, 3\) has a dense gradient"):
+            average_sparse_grads([p])
+    finally:
+        dist.destroy_process_group()
