@@ -3,8 +3,9 @@ in which a rank dies, in training or at teardown (after its last step).
 
 ``--exchange ddp`` lets DDP all-reduce the tables' sparse gradients itself (a gloo sparse
 all-reduce per table); ``--exchange allgather`` keeps the tables out of DDP and averages their
-gradients with ``towers.sparse_grad_sync`` as training does; ``--dense`` uses dense tables. ``--fit`` repeats the project's own 2-process fit test
-(``tests/test_towers_ddp.py -k two_process``: the towers' training code, the exchange included).
+gradients with ``towers.sparse_grad_sync`` as training does; ``--dense`` uses dense tables.
+``--fit`` repeats the project's own 2-process fit test (``tests/test_towers_ddp.py -k two_process``:
+the towers' training code, the exchange included).
 
     python benchmarks/ddp_sparse_stress.py --runs 12 --steps 3000 --exchange ddp
     python benchmarks/ddp_sparse_stress.py --runs 30 --fit
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from towers.ddp import free_port
 from towers.sparse_grad_sync import average_sparse_grads, broadcast_tables, ddp_ignore_sparse_tables
 
 
@@ -62,12 +63,6 @@ def _rank(rank: int, steps: int, exchange: str, sparse: bool) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _repeat_fit(runs: int) -> None:
     """Runs the 2-process fit test of ``tests/test_towers_ddp.py`` ``runs`` times; counts the failures."""
     root = Path(__file__).resolve().parents[1]
@@ -100,7 +95,7 @@ def main() -> None:
     died = died_after = 0
     for run in range(args.runs):
         # glibc reports heap corruption on the terminal unless told to use stderr
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "LIBC_FATAL_STDERR_": "1"}
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LIBC_FATAL_STDERR_": "1"}
         cmd = [sys.executable, __file__, "--steps", str(args.steps), "--exchange", args.exchange,
                *(["--dense"] if args.dense else [])]
         t = time.perf_counter()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from towers.ddp import free_port
 from towers.sparse_grad_sync import average_sparse_grads, broadcast_tables, ddp_ignore_sparse_tables
 
 SHAPES = [(10, 3), (5, 2), (4, 2), (6, 1)]
@@ -57,10 +57,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_get_the_mean_gradient_bit_for_bit(tmp_path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     expected = []
     for a, b in zip(_grads(0), _grads(1), strict=True):

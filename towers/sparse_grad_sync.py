@@ -4,10 +4,9 @@ DDP's own path for sparse gradients (one gloo sparse all-reduce per table) corru
 a training process in 12 of 54 two-rank CPU test fits here (torch 2.13, ``malloc(): unaligned
 tcache chunk detected``); a plain ``DistributedDataParallel`` over ``nn.Embedding(sparse=True)``
 died of it mid-training too, a dense one did not (``benchmarks/ddp_sparse_stress.py``). NCCL has
-no sparse all-reduce at all. So the tables
-are kept out of DDP (:func:`ddp_ignore_sparse_tables`) and their gradients are exchanged here
-with ``all_gather`` of plain byte tensors, which every backend has: one for the per-table row
-counts, one for every table's rows and values packed together.
+no sparse all-reduce at all. So the tables are kept out of DDP (:func:`ddp_ignore_sparse_tables`)
+and their gradients are exchanged here with ``all_gather`` of plain byte tensors, which every
+backend has: one for the per-table row counts, one for every table's rows and values packed together.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ def average_sparse_grads(tables: list[nn.Parameter]) -> None:
     payload = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
     offset = 0
     for g in local:
-        if g is None or g._nnz() == 0:
+        if g is None:
             continue
         for part in (g._indices()[0], g._values()):
             raw = part.contiguous().view(-1).view(torch.uint8)
